@@ -1,0 +1,1 @@
+"""gnn3d engine package."""

@@ -1,0 +1,18 @@
+"""Typed run configuration: YAML + dotted overrides -> RunConfig, plus the DeepSpeed JSON resolver."""
+
+from engine.config.ds import load_ds_config, resolve_ds_config, save_ds_config
+from engine.config.errors import ConfigError
+from engine.config.loader import config_to_dict, describe_options, load_config, save_config
+from engine.config.schema import RunConfig
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "config_to_dict",
+    "describe_options",
+    "load_ds_config",
+    "load_config",
+    "resolve_ds_config",
+    "save_config",
+    "save_ds_config",
+]

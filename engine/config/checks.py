@@ -1,0 +1,68 @@
+"""Checks that involve more than one key: each names the keys to change and where they were set."""
+
+from engine.config.errors import ConfigError
+from engine.config.schema import REFERENCE_VIEWS, RunConfig
+
+
+def check_consistency(cfg: RunConfig) -> None:
+    """Raise ConfigError on the first inconsistent combination of settings."""
+    for check in (_views, _domains, _resolution, _dropout, _betas, _validation):
+        check(cfg)
+
+
+def _fail(cfg: RunConfig, key: str, message: str) -> ConfigError:
+    return ConfigError(message, key=key, source=cfg.source_of(key))
+
+
+def _views(cfg: RunConfig) -> None:
+    views = cfg.data.views
+    unknown = [v for v in views if v not in REFERENCE_VIEWS]
+    if unknown:
+        raise _fail(cfg, "data.views", f"unknown view(s) {unknown}; the camera rig has {REFERENCE_VIEWS}")
+    if len(set(views)) != len(views):
+        raise _fail(cfg, "data.views", f"views repeat: {views}")
+    if views[0] != "front":
+        raise _fail(cfg, "data.views", "the first view must be 'front' (the condition view)")
+    if cfg.model.num_views != len(views):
+        raise _fail(
+            cfg,
+            "model.num_views",
+            f"model.num_views={cfg.model.num_views} but data.views lists {len(views)} views "
+            f"(set by {cfg.source_of('data.views')}); make them agree",
+        )
+
+
+def _domains(cfg: RunConfig) -> None:
+    cross_domain = cfg.model.cd_attention_mid or cfg.model.cd_attention_last
+    if cfg.data.mode == "mix" and cross_domain:
+        raise _fail(
+            cfg,
+            "data.mode",
+            "mix mode gives each object one domain, so cross-domain attention has no partner: "
+            "set model.cd_attention_mid=false and model.cd_attention_last=false, or data.mode=joint",
+        )
+    if cfg.model.sparse_mv_attention and not cfg.model.multiview_attention:
+        raise _fail(cfg, "model.sparse_mv_attention", "needs model.multiview_attention=true")
+
+
+def _resolution(cfg: RunConfig) -> None:
+    if cfg.data.resolution % 8:
+        raise _fail(cfg, "data.resolution", f"{cfg.data.resolution} is not a multiple of 8 (the VAE factor)")
+
+
+def _dropout(cfg: RunConfig) -> None:
+    t = cfg.train
+    total = t.drop_image_embed + t.drop_cond_latent + t.drop_both
+    if total > 1.0:
+        raise _fail(cfg, "train.drop_both", f"drop_image_embed + drop_cond_latent + drop_both = {total} > 1")
+
+
+def _betas(cfg: RunConfig) -> None:
+    betas = cfg.train.adam_betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise _fail(cfg, "train.adam_betas", f"need two values in [0, 1), got {betas}")
+
+
+def _validation(cfg: RunConfig) -> None:
+    if not cfg.train.trainable:
+        raise _fail(cfg, "train.trainable", "no trainable parameter patterns; use ['*'] to train everything")

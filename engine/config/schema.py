@@ -1,0 +1,146 @@
+"""The run configuration: one typed dataclass per concern, every knob with its default and meaning.
+
+YAML files in ``configs/`` and dotted command-line overrides (``train.lr=1e-4``) fill these; see
+``engine.config.loader``. The DeepSpeed JSON stays the source of truth for ZeRO settings; the fields here
+that it also names (micro-batch, accumulation, clipping, precision) are checked against it.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.config.fields import opt
+
+REFERENCE_VIEWS = ["front", "front_right", "right", "back", "left", "front_left"]
+
+
+@dataclass
+class RunSection:
+    dir: str = opt("runs/demo", "Run directory: checkpoints, metrics.jsonl, resolved configs, validation grids.")
+    seed: int = opt(42, "Global seed: model init, data order, noise. Same seed -> same loss curve.", min=0)
+    resume: str = opt(
+        "auto", "'auto' (newest checkpoint in run.dir, if any), 'none', or a checkpoint/run directory path."
+    )
+    max_steps: int = opt(300, "Optimizer steps to train for (steps are counted, never epochs).", min=1)
+
+
+@dataclass
+class ModelSection:
+    pretrained: str = opt(
+        "",
+        "Local diffusers folder (sd-image-variations layout: unet/ vae/ image_encoder/ scheduler/ "
+        "feature_extractor/). Empty: build the tiny model below from config (CPU demo, tests).",
+    )
+    unet: str = opt(
+        "", "Optional UNet folder to start from instead of pretrained/unet: a gnn3d export or Wonder3D checkpoint."
+    )
+    num_views: int = opt(6, "Views per object that attend to each other; must equal len(data.views).", min=1)
+    multiview_attention: bool = opt(True, "Self-attention over all views of an object (Wonder3D default).")
+    sparse_mv_attention: bool = opt(False, "Each view attends to the first view and itself only.")
+    cd_attention_mid: bool = opt(True, "Cross-domain attention after self-attention (needs data.mode=joint).")
+    cd_attention_last: bool = opt(False, "Cross-domain attention after the feed-forward (needs data.mode=joint).")
+    attention: Literal["auto", "xformers", "sdpa", "math"] = opt(
+        "auto", "Attention kernel: auto = xformers on CUDA when installed, else PyTorch SDPA."
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    zero_init_conv_in: bool = opt(True, "When widening a 2D UNet's conv_in 4->8, zero the new input channels.")
+    block_out_channels: list[int] = opt([32, 64], "Tiny model only: UNet widths per resolution level.")
+    layers_per_block: int = opt(1, "Tiny model only: ResNet layers per UNet block.", min=1)
+    attention_head_dim: int = opt(8, "Tiny model only: channels per attention head.", min=1)
+    cross_attention_dim: int = opt(32, "Tiny model only: CLIP embedding width (cross-attention context).", min=1)
+
+
+@dataclass
+class DataSection:
+    shards: str = opt(
+        "",
+        "Training shards: brace pattern (/data/shard-{000000..000099}.tar), a list file, a manifest.json, or "
+        "pipe: URLs. Empty: the synthetic demo shards, generated on first use into data.demo_cache.",
+    )
+    val_shards: str = opt("", "Validation shards (same forms). Empty with a manifest: its validation split.")
+    demo_cache: str = opt("~/.cache/gnn3d/demo", "Where the synthetic demo dataset is rendered and sharded.")
+    demo_objects: int = opt(48, "Objects in the synthetic demo dataset.", min=2)
+    resolution: int = opt(256, "Training image size (square); must be a multiple of 8 (VAE factor).", min=16)
+    views: list[str] = opt(list(REFERENCE_VIEWS), "Target views, in order; the condition view is 'front'.")
+    mode: Literal["joint", "mix"] = opt(
+        "joint",
+        "joint: color and normal views of each object together (2*V*B images, stage 2); "
+        "mix: each object gives color or normal views 50/50 (stage 1).",
+    )
+    background: Literal["white", "black", "gray", "random"] = opt(
+        "random", "Training background behind the alpha mask; random = one of the three per object."
+    )
+    val_background: Literal["white", "black", "gray", "random"] = opt("white", "Validation background.")
+    clip_size: int = opt(224, "CLIP input size.", min=16)
+    workers: int = opt(2, "DataLoader worker processes per rank (decoding and augmentation).", min=0)
+    shuffle_buffer: int = opt(64, "Sample shuffle buffer per worker (0 = no sample shuffle).", min=0)
+    bad_sample: Literal["skip", "raise"] = opt("skip", "On a corrupt sample: skip (warn, count) or raise.")
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = opt(2, "Objects per rank per forward (each object = 2*V images in joint mode).", min=1)
+    grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).", min=0.0)
+    lr_schedule: Literal["constant", "cosine"] = opt("constant", "After warmup: constant or cosine to 0.")
+    warmup_steps: int = opt(100, "Linear warmup steps.", min=0)
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0)
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", min=0.0)
+    grad_clip: float = opt(1.0, "Max gradient norm (0 disables); fills DeepSpeed's gradient_clipping.", min=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "Fills DeepSpeed's bf16/fp16 'auto' fields. fp16 needs CUDA."
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = opt("epsilon", "What the UNet predicts.")
+    snr_gamma: float = opt(5.0, "Min-SNR loss weighting gamma (0 = plain MSE).", min=0.0)
+    drop_image_embed: float = opt(0.05, "Per-object probability to zero only the CLIP embedding (CFG).", min=0, max=1)
+    drop_cond_latent: float = opt(0.05, "Per-object probability to zero only the condition latent.", min=0, max=1)
+    drop_both: float = opt(0.05, "Per-object probability to zero both conditions.", min=0, max=1)
+    ema_decay: float = opt(0.9999, "EMA decay of the UNet weights (0 disables EMA).", min=0.0, max=1.0)
+    ema_every: int = opt(1, "Update the EMA every k optimizer steps.", min=1)
+    trainable: list[str] = opt(["*"], "Name patterns (fnmatch) of UNet parameters to train; the rest frozen.")
+    class_embedding_lr_mult: float = opt(10.0, "Learning-rate multiplier of the camera class embedding.", min=0)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = opt(100, "Save a checkpoint every N optimizer steps (and always at the end).", min=1)
+    keep_last: int = opt(3, "Checkpoints to keep; older ones are deleted after a newer one is complete.", min=1)
+
+
+@dataclass
+class LoggingSection:
+    every: int = opt(10, "Log metrics every N optimizer steps.", min=1)
+    wandb_mode: Literal["offline", "online", "disabled"] = opt(
+        "offline", "wandb mode; env WANDB_MODE overrides. offline needs no network (sync later)."
+    )
+    wandb_project: str = opt("gnn3d", "wandb project; env WANDB_PROJECT overrides.")
+    wandb_entity: str = opt("", "wandb entity (user or team); env WANDB_ENTITY overrides. Set it only here.")
+    run_name: str = opt("", "Run name shown in wandb/tensorboard; empty = basename of run.dir.")
+    tensorboard: bool = opt(True, "Also write tensorboard event files under run.dir/tb.")
+
+
+@dataclass
+class ValidationSection:
+    every: int = opt(100, "Validate every N optimizer steps (and at the end); 0 = only at the end.", min=0)
+    num_objects: int = opt(4, "Held-out objects per validation.", min=1)
+    steps: int = opt(10, "Sampler steps for validation generation.", min=1)
+    guidance: float = opt(1.0, "Classifier-free guidance scale for validation.", min=0.0)
+    scheduler: Literal["ddim", "dpm"] = opt("ddim", "Sampler for validation generation.")
+    use_ema: bool = opt(True, "Generate with the EMA weights (when EMA is enabled).")
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    # Where each dotted key was last set ("configs/x.yaml", "command line"), for error messages.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def source_of(self, key: str) -> str:
+        """The file (or 'command line', or 'default') that set ``key``."""
+        return self.sources.get(key, "default")

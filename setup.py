@@ -1,0 +1,39 @@
+"""gnn3d: DeepSpeed trainer for multi-view cross-domain diffusion (Wonder3D-style).
+
+Install (CPU): pip install -e ".[test]". GPU users install a CUDA build of torch 2.13.0 first (see README).
+"""
+
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: on a machine without torch, a range that admits newer releases makes pip pull a
+# multi-GB CUDA build. A CUDA build of the same version (2.13.0+cuXXX) satisfies this pin.
+TORCH = "torch==2.13.0"
+
+setup(
+    name="gnn3d",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-2 trainer for Wonder3D-style multi-view cross-domain diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "modeling*", "datapipes*"]),
+    install_requires=[
+        TORCH,
+        "deepspeed>=0.16,<0.20",  # ZeRO engine, launcher, checkpoints
+        "diffusers>=0.32,<0.43",  # UNet/VAE building blocks, schedulers
+        "transformers>=4.45,<6",  # CLIP image encoder
+        "webdataset>=1.0,<2",  # tar-shard streaming
+        "numpy>=1.26",
+        "pillow>=10",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "wandb>=0.18",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "xformers": ["xformers==0.0.35"],  # CUDA only (built against torch 2.13); SDPA is used elsewhere
+        "test": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+)
