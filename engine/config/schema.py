@@ -117,6 +117,9 @@ class LoggingSection:
     wandb_entity: str = opt("", "wandb entity (user or team); env WANDB_ENTITY overrides. Set it only here.")
     run_name: str = opt("", "Run name shown in wandb/tensorboard; empty = basename of run.dir.")
     tensorboard: bool = opt(True, "Also write tensorboard event files under run.dir/tb.")
+    peak_tflops: float = opt(
+        0.0, "Peak dense TFLOP/s of one device, for MFU. 0 = known GPUs auto-detected; MFU not shown on CPU.", min=0
+    )
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Which UNet parameters train, at which learning rate, and the warmup + constant/cosine schedule."""
+
+import fnmatch
+import math
+
+import torch
+
+from engine.config import ConfigError, RunConfig
+
+
+def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> dict[str, int]:
+    """Freeze every parameter whose name matches none of ``patterns`` (fnmatch); returns a count summary.
+
+    Frozen parameters get ``requires_grad=False`` so they stay out of the optimizer and of ZeRO's
+    optimizer-state partitions.
+    """
+    trainable = frozen = 0
+    for name, param in unet.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        param.requires_grad_(keep)
+        if keep:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    if trainable == 0:
+        raise ConfigError(f"no UNet parameter matches {patterns}", key="train.trainable")
+    return {"trainable": trainable, "frozen": frozen}
+
+
+def param_groups(unet: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """Trainable parameters in two groups: the camera class embedding (lr × multiplier) and the rest."""
+    camera, rest = [], []
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            (camera if name.startswith("class_embedding.") else rest).append(param)
+    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "unet"}]
+    if camera:
+        lr = cfg.train.lr * cfg.train.class_embedding_lr_mult
+        groups.append({"params": camera, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "class_embedding"})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], cfg: RunConfig, offload: bool) -> torch.optim.Optimizer:
+    """AdamW per the run config; DeepSpeed's CPU Adam when optimizer state is offloaded to the CPU."""
+    t = cfg.train
+    kwargs = {"betas": tuple(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiles its C++ op on first use
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, lr=t.lr, **kwargs)
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of each group's base lr at a step: linear warmup, then constant or cosine to zero."""
+    warmup, total, cosine = cfg.train.warmup_steps, cfg.run.max_steps, cfg.train.lr_schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,103 @@
+"""One logging facade: metrics.jsonl always, tensorboard and wandb by config, a tqdm bar — rank 0 only.
+
+The wandb identity (mode, project, entity) is resolved here and nowhere else: ``WANDB_*`` environment
+variables win over ``logging.*`` in the run config. The default mode is offline: no network needed.
+"""
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import RunConfig, config_to_dict
+
+
+def wandb_identity(cfg: RunConfig) -> dict[str, str | None]:
+    """mode/project/entity/name for wandb.init: environment first, then the run config."""
+    log = cfg.logging
+    return {
+        "mode": os.environ.get("WANDB_MODE") or log.wandb_mode,
+        "project": os.environ.get("WANDB_PROJECT") or log.wandb_project,
+        "entity": os.environ.get("WANDB_ENTITY") or log.wandb_entity or None,
+        "name": os.environ.get("WANDB_NAME") or log.run_name or Path(cfg.run.dir).name,
+    }
+
+
+class Tracker:
+    """Writes metrics on rank 0; a no-op on other ranks."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, is_main: bool, start_step: int, total_steps: int):
+        self.is_main = is_main
+        self._wandb = self._tb = self._bar = None
+        if not is_main:
+            return
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        identity = wandb_identity(cfg)
+        if identity["mode"] != "disabled":
+            self._wandb = self._init_wandb(cfg, run_dir, identity)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    @staticmethod
+    def _init_wandb(cfg: RunConfig, run_dir: Path, identity: dict) -> Any:
+        import wandb
+
+        id_file = run_dir / "wandb_id"  # one wandb run across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        return wandb.init(
+            dir=str(run_dir), id=run_id, resume="allow", config=config_to_dict(cfg), **identity
+        )
+
+    def log(self, step: int, metrics: dict[str, float], *, show: dict[str, str] | None = None) -> None:
+        """Append ``metrics`` for ``step`` everywhere; ``show`` goes to the progress bar."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if show and self._bar is not None:
+            self._bar.set_postfix(show, refresh=False)
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        if not self.is_main:
+            return
+        if self._tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self._tb.add_image(key, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write(self, message: str) -> None:
+        """Print above the progress bar (rank 0)."""
+        if self.is_main:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self._bar.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

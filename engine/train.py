@@ -1,0 +1,218 @@
+"""The training run: set up once, then ``run_step`` until ``run.max_steps``, with hooks around it.
+
+Reads top to bottom: distributed init → run dir → components and UNet → DeepSpeed engine → data → resume →
+loop (step, log, checkpoint, validate) → final checkpoint and validation.
+"""
+
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from datapipes.shards import build_train_loader, build_val_loader
+from datapipes.transform import TransformOptions
+from engine.build import build_components, build_unet
+from engine.checkpoint import find_resume_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from engine.config import RunConfig, config_to_dict, resolve_ds_config, save_config, save_ds_config
+from engine.demo_data import ensure_demo_shards
+from engine.distributed import DistInfo, init_distributed
+from engine.ema import EMA
+from engine.objective import DiffusionObjective
+from engine.optim import build_optimizer, lr_lambda, param_groups, select_trainable
+from engine.randomness import object_generators
+from engine.throughput import Throughput
+from engine.tracking import Tracker
+from engine.validation import run_validation
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: RunConfig
+    info: DistInfo
+    run_dir: Path
+    engine: object
+    ema: EMA
+    objective: DiffusionObjective
+    components: object
+    loader: object
+    train_shards: str
+    start_step: int = 0
+    val_batch: dict | None = field(default=None, repr=False)
+
+
+def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
+    """Entry point of ``launcher/train.py``; returns the process exit code."""
+    info = init_distributed()
+    try:
+        run = setup(cfg, ds_config, ds_path, info)
+        loop(run)
+    except Exception:
+        print(f"[rank {info.rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
+    import deepspeed
+
+    run_dir = Path(cfg.run.dir)
+    ds = resolve_ds_config(ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        save_ds_config(ds, run_dir / "ds_config.json")
+    seed_everything(cfg.run.seed)
+    components = build_components(cfg).to(info.device)
+    if info.is_main and not cfg.model.pretrained and not (run_dir / "components").is_dir():
+        from modeling.components import save_components
+
+        save_components(components, run_dir / "components")  # export reuses the exact frozen parts
+    unet = build_unet(cfg)
+    counts = select_trainable(unet, cfg.train.trainable)
+    groups = param_groups(unet, cfg)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    optimizer = None if "optimizer" in ds else build_optimizer(groups, cfg, offload and info.device.type == "cuda")
+    if offload and info.device.type != "cuda":
+        ds["zero_force_ds_cpu_optimizer"] = False  # CPU-only: plain torch AdamW already runs on the CPU
+    scheduler = None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    engine, *_ = deepspeed.initialize(
+        model=unet, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds
+    )
+    ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.ema_every)
+    shards = cfg.data.shards or str(ensure_demo_shards(cfg, local_rank=info.local_rank))
+    loader = build_train_loader(
+        shards, batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
+        seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
+    )  # fmt: skip
+    run = Run(cfg, info, run_dir, engine, ema, DiffusionObjective(components, cfg, info.device), components, loader, shards)
+    _resume(run)
+    if info.is_main:
+        print(f"UNet parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen; "
+              f"world size {info.world_size}; starting at step {run.start_step}", flush=True)  # fmt: skip
+    return run
+
+
+def _transform(cfg: RunConfig, background: str) -> TransformOptions:
+    d = cfg.data
+    return TransformOptions(resolution=d.resolution, num_views=len(d.views), background=background, clip_size=d.clip_size)
+
+
+def _resume(run: Run) -> None:
+    found = find_resume_dir(run.cfg.run.resume, run.run_dir)
+    if found is None:
+        return
+    root, tag = found
+    state = load_checkpoint(
+        run.engine, root, tag, rank=run.info.rank, world_size=run.info.world_size, ema=run.ema
+    )
+    run.loader.load_state_dict(state.data_state)
+    run.start_step = state.step
+
+
+def run_step(run: Run, batches, step: int) -> dict[str, float]:
+    """One optimizer step (grad-accum micro-steps): encode → noise → forward → loss → backward → step → EMA."""
+    cfg, engine = run.cfg, run.engine
+    micro = cfg.train.micro_batch_size
+    totals = {"loss": 0.0, "loss_normal": 0.0, "loss_color": 0.0, "data_wait_s": 0.0}
+    for micro_step in range(cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        totals["data_wait_s"] += time.perf_counter() - t0
+        generators = object_generators(cfg.run.seed, step, micro_step, run.info.rank * micro, micro)
+        inputs = run.objective.prepare(batch, generators)
+        loss, parts = run.objective.loss(engine, inputs)
+        engine.backward(loss)
+        engine.step()
+        totals["loss"] += loss.item() / cfg.train.grad_accum
+        for key, value in parts.items():
+            totals[key] += value / cfg.train.grad_accum
+    run.ema.update(engine.module, step + 1)
+    return totals
+
+
+def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean over ranks of each value (the logged loss is the global batch's, whatever the world size)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def loop(run: Run) -> None:
+    cfg, info = run.cfg, run.info
+    tracker = Tracker(cfg, run.run_dir, is_main=info.is_main, start_step=run.start_step, total_steps=cfg.run.max_steps)
+    meter = Throughput(cfg, info, dict(run.engine.module.config))
+    batches = iter(run.loader)
+    step = run.start_step
+    last_saved = step
+    try:
+        while step < cfg.run.max_steps:
+            t0 = time.perf_counter()
+            values = _global_mean(run_step(run, batches, step), info.device)
+            step += 1
+            tracker.advance()
+            metrics = meter.metrics(values, time.perf_counter() - t0, lr=run.engine.get_lr()[0])
+            if step % cfg.logging.every == 0 or step == cfg.run.max_steps:
+                tracker.log(step, metrics, show=meter.postfix(metrics))
+            if step % cfg.checkpoint.every == 0:
+                _checkpoint(run, step, tracker)
+                last_saved = step
+            if cfg.validation.every and step % cfg.validation.every == 0:
+                _validate(run, step, tracker)
+        if last_saved != step:
+            _checkpoint(run, step, tracker)
+        if not cfg.validation.every or step % cfg.validation.every:
+            _validate(run, step, tracker)
+    finally:
+        tracker.close()
+
+
+def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
+    extra = {
+        "data_state": run.loader.state_dict(),
+        "ema": run.ema,
+        "config_yaml": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False),
+    }
+    path = save_checkpoint(run.engine, run.run_dir, step, rank=run.info.rank, extra=extra)
+    if run.info.is_main:
+        removed = prune_checkpoints(run.run_dir, run.cfg.checkpoint.keep_last)
+        tracker.write(f"step {step}: checkpoint {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
+
+
+def _validate(run: Run, step: int, tracker: Tracker) -> None:
+    """Rank 0 generates; the others wait at the barrier (ZeRO-2 replicates weights, so rank 0 has them all)."""
+    if run.info.is_main:
+        if run.val_batch is None:
+            run.val_batch = _first_val_batch(run)
+        out_png = run.run_dir / "validation" / f"step{step:08d}.png"
+        scores = run_validation(run.engine.module, run.components, run.ema, run.val_batch, run.cfg, out_png)
+        tracker.log(step, scores)
+        tracker.log_image(step, "val/grid", out_png)
+        tracker.write(f"step {step}: validation " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f" -> {out_png}")
+    dist.barrier()
+
+
+def _first_val_batch(run: Run) -> dict:
+    cfg = run.cfg
+    val_shards = cfg.data.val_shards or run.train_shards
+    loader = build_val_loader(
+        val_shards, batch_size=cfg.validation.num_objects, rank=0, world_size=1,
+        transform=_transform(cfg, cfg.data.val_background), workers=0, seed=cfg.run.seed,
+    )  # fmt: skip
+    return next(iter(loader))
