@@ -38,7 +38,9 @@ def build_components(cfg: RunConfig) -> Components:
 def build_unet(cfg: RunConfig) -> MVUNet:
     """The trainable UNet: from model.unet (gnn3d/Wonder3D folder), a 2D pretrained UNet, or tiny config."""
     mv = multiview_options(cfg)
-    torch.manual_seed(cfg.run.seed)  # new layers (cross-domain attention, tiny model) start identical everywhere
+    torch.manual_seed(
+        cfg.run.seed
+    )  # new layers (cross-domain attention, tiny model) start identical everywhere
     if cfg.model.unet:
         unet = _load_unet_folder(Path(cfg.model.unet), mv)
     elif cfg.model.pretrained:
@@ -76,6 +78,8 @@ def _load_unet_folder(folder: Path, mv: dict) -> MVUNet:
     wanted = {k: v for k, v in mv.items() if k != "attention_backend"}
     if loaded != wanted:
         diff = {k: (loaded[k], wanted[k]) for k in wanted if loaded[k] != wanted[k]}
-        raise ConfigError(f"UNet at {unet_dir} differs from the run config (loaded, wanted): {diff}", key="model.unet")
+        raise ConfigError(
+            f"UNet at {unet_dir} differs from the run config (loaded, wanted): {diff}", key="model.unet"
+        )
     unet.set_attention(mv["attention_backend"])
     return unet

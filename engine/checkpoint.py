@@ -127,10 +127,14 @@ def find_resume_dir(resume: str, run_dir: Path) -> tuple[Path, str] | None:
         return path / "checkpoints", read_latest(path / "checkpoints")
     if path.is_dir() and path.name.startswith("step"):  # one tag directory
         return path.parent, path.name
-    raise ConfigError(f"no checkpoint found at {path} (want a run dir, its checkpoints/, or a step dir)", key="run.resume")
+    raise ConfigError(
+        f"no checkpoint found at {path} (want a run dir, its checkpoints/, or a step dir)", key="run.resume"
+    )
 
 
-def load_checkpoint(engine: Any, root: Path, tag: str, *, rank: int, world_size: int, ema: Any) -> ResumeState:
+def load_checkpoint(
+    engine: Any, root: Path, tag: str, *, rank: int, world_size: int, ema: Any
+) -> ResumeState:
     """Collective: restore engine (weights, optimizer, LR schedule), EMA, RNG and this rank's data position."""
     saved_ranks = len(list((root / tag).glob("gnn3d_rank*.pt")))
     if saved_ranks != world_size:
@@ -140,7 +144,9 @@ def load_checkpoint(engine: Any, root: Path, tag: str, *, rank: int, world_size:
             "or start fresh from the weights (python launcher/export.py, then model.unet=<export>/unet)",
             key="run.resume",
         )
-    _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    _, client = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client is None:
         raise ConfigError(f"DeepSpeed could not load {root / tag}", key="run.resume")
     own = torch.load(rank_file(root / tag, rank), weights_only=True)

@@ -31,7 +31,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, tag: str | None = None, 
         weights.update(load_file(ema_path))
     missing, unexpected = unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"checkpoint does not match the UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    components_dir = run_dir / "components" if (run_dir / "components").is_dir() else Path(cfg.model.pretrained)
+        raise ConfigError(
+            f"checkpoint does not match the UNet: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    components_dir = (
+        run_dir / "components" if (run_dir / "components").is_dir() else Path(cfg.model.pretrained)
+    )
     save_model_folder(load_components(components_dir), unet.to(torch.float32), out)
     return Path(out)

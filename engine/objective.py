@@ -56,13 +56,19 @@ class DiffusionObjective:
         noisy = self.scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
         dtype = next(unet.parameters()).dtype
         sample = torch.cat([noisy, inputs.cond_latent], dim=1).to(dtype)
-        pred = unet(sample, inputs.timesteps, inputs.clip_embeds.to(dtype), class_labels=inputs.camera.to(dtype))
+        pred = unet(
+            sample, inputs.timesteps, inputs.clip_embeds.to(dtype), class_labels=inputs.camera.to(dtype)
+        )
         pred = pred.sample.float()
         target = self._target(inputs)
         per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * self._snr_weight(inputs)
         metrics = {
-            "loss_normal": per_image[inputs.is_normal].mean().item() if inputs.is_normal.any() else float("nan"),
-            "loss_color": per_image[~inputs.is_normal].mean().item() if (~inputs.is_normal).any() else float("nan"),
+            "loss_normal": per_image[inputs.is_normal].mean().item()
+            if inputs.is_normal.any()
+            else float("nan"),
+            "loss_color": per_image[~inputs.is_normal].mean().item()
+            if (~inputs.is_normal).any()
+            else float("nan"),
         }
         return per_image.mean(), metrics
 
@@ -108,13 +114,17 @@ class DiffusionObjective:
     def _mix(self, batch, generators, views, cond_latent, clip) -> ModelInputs:
         # Stage 1: each object trains one domain, 50/50, marked by the domain one-hot of its camera embedding.
         is_normal = rand_per_object(generators).to(self.device) < 0.5
-        steps = randint_per_object(generators, self.scheduler.config.num_train_timesteps, 1)[:, 0].to(self.device)
+        steps = randint_per_object(generators, self.scheduler.config.num_train_timesteps, 1)[:, 0].to(
+            self.device
+        )
         normal = self._encode_sample(batch["normal_target_vae"], generators)
         color = self._encode_sample(batch["image_target_vae"], generators)
         pick = is_normal[:, None, None, None, None]
         latents = torch.where(pick, normal, color).flatten(0, 1)
         camera = torch.where(
-            is_normal[:, None, None], batch["camera_embed_normal"].to(self.device), batch["camera_embed_image"].to(self.device)
+            is_normal[:, None, None],
+            batch["camera_embed_normal"].to(self.device),
+            batch["camera_embed_image"].to(self.device),
         )
         noise = randn_per_object(generators, (views, *latents.shape[1:])).to(self.device).flatten(0, 1)
         return ModelInputs(

@@ -36,7 +36,9 @@ def param_groups(unet: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "unet"}]
     if camera:
         lr = cfg.train.lr * cfg.train.class_embedding_lr_mult
-        groups.append({"params": camera, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "class_embedding"})
+        groups.append(
+            {"params": camera, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "class_embedding"}
+        )
     return [g for g in groups if g["params"]]
 
 

@@ -19,10 +19,13 @@ def object_seed(seed: int, step: int, micro_step: int, object_index: int) -> int
     return h
 
 
-def object_generators(seed: int, step: int, micro_step: int, first_index: int, count: int) -> list[torch.Generator]:
+def object_generators(
+    seed: int, step: int, micro_step: int, first_index: int, count: int
+) -> list[torch.Generator]:
     """Generators for objects ``first_index .. first_index+count-1`` of the global micro-batch."""
     return [
-        torch.Generator().manual_seed(object_seed(seed, step, micro_step, first_index + i)) for i in range(count)
+        torch.Generator().manual_seed(object_seed(seed, step, micro_step, first_index + i))
+        for i in range(count)
     ]
 
 

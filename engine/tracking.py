@@ -27,6 +27,15 @@ def wandb_identity(cfg: RunConfig) -> dict[str, str | None]:
     }
 
 
+def _open_jsonl(path: Path):
+    """Append to metrics.jsonl; a line cut off by a crash is dropped so every line stays valid JSON."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+    return path.open("a", buffering=1)
+
+
 class Tracker:
     """Writes metrics on rank 0; a no-op on other ranks."""
 
@@ -35,7 +44,7 @@ class Tracker:
         self._wandb = self._tb = self._bar = None
         if not is_main:
             return
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._jsonl = _open_jsonl(run_dir / "metrics.jsonl")
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -52,9 +61,7 @@ class Tracker:
         id_file = run_dir / "wandb_id"  # one wandb run across resumes
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
-        return wandb.init(
-            dir=str(run_dir), id=run_id, resume="allow", config=config_to_dict(cfg), **identity
-        )
+        return wandb.init(dir=str(run_dir), id=run_id, resume="allow", config=config_to_dict(cfg), **identity)
 
     def log(self, step: int, metrics: dict[str, float], *, show: dict[str, str] | None = None) -> None:
         """Append ``metrics`` for ``step`` everywhere; ``show`` goes to the progress bar."""

@@ -4,6 +4,7 @@ Reads top to bottom: distributed init → run dir → components and UNet → De
 loop (step, log, checkpoint, validate) → final checkpoint and validation.
 """
 
+import hashlib
 import random
 import sys
 import time
@@ -68,10 +69,10 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
-    import deepspeed
-
     run_dir = Path(cfg.run.dir)
-    ds = resolve_ds_config(ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda")
+    ds = resolve_ds_config(
+        ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda"
+    )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -82,17 +83,7 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         from modeling.components import save_components
 
         save_components(components, run_dir / "components")  # export reuses the exact frozen parts
-    unet = build_unet(cfg)
-    counts = select_trainable(unet, cfg.train.trainable)
-    groups = param_groups(unet, cfg)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    optimizer = None if "optimizer" in ds else build_optimizer(groups, cfg, offload and info.device.type == "cuda")
-    if offload and info.device.type != "cuda":
-        ds["zero_force_ds_cpu_optimizer"] = False  # CPU-only: plain torch AdamW already runs on the CPU
-    scheduler = None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    engine, *_ = deepspeed.initialize(
-        model=unet, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds
-    )
+    engine, counts = build_engine(cfg, ds, info)
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.ema_every)
     shards = cfg.data.shards or str(ensure_demo_shards(cfg, local_rank=info.local_rank))
     loader = build_train_loader(
@@ -100,7 +91,17 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
     )  # fmt: skip
-    run = Run(cfg, info, run_dir, engine, ema, DiffusionObjective(components, cfg, info.device), components, loader, shards)
+    run = Run(
+        cfg,
+        info,
+        run_dir,
+        engine,
+        ema,
+        DiffusionObjective(components, cfg, info.device),
+        components,
+        loader,
+        shards,
+    )
     _resume(run)
     if info.is_main:
         print(f"UNet parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen; "
@@ -108,9 +109,36 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     return run
 
 
+def build_engine(cfg: RunConfig, ds: dict, info: DistInfo):
+    """The UNet inside a DeepSpeed engine with the run's optimizer and LR schedule (unless the JSON has its own).
+
+    Returns (engine, parameter counts). Frozen parameters never reach the optimizer.
+    """
+    import deepspeed
+
+    unet = build_unet(cfg)
+    counts = select_trainable(unet, cfg.train.trainable)
+    groups = param_groups(unet, cfg)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    optimizer = (
+        None if "optimizer" in ds else build_optimizer(groups, cfg, offload and info.device.type == "cuda")
+    )
+    if offload and info.device.type != "cuda":
+        ds["zero_force_ds_cpu_optimizer"] = False  # CPU-only: plain torch AdamW already runs on the CPU
+    scheduler = (
+        None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    )
+    engine, *_ = deepspeed.initialize(
+        model=unet, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds
+    )
+    return engine, counts
+
+
 def _transform(cfg: RunConfig, background: str) -> TransformOptions:
     d = cfg.data
-    return TransformOptions(resolution=d.resolution, num_views=len(d.views), background=background, clip_size=d.clip_size)
+    return TransformOptions(
+        resolution=d.resolution, num_views=len(d.views), background=background, clip_size=d.clip_size
+    )
 
 
 def _resume(run: Run) -> None:
@@ -156,7 +184,9 @@ def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
 
 def loop(run: Run) -> None:
     cfg, info = run.cfg, run.info
-    tracker = Tracker(cfg, run.run_dir, is_main=info.is_main, start_step=run.start_step, total_steps=cfg.run.max_steps)
+    tracker = Tracker(
+        cfg, run.run_dir, is_main=info.is_main, start_step=run.start_step, total_steps=cfg.run.max_steps
+    )
     meter = Throughput(cfg, info, dict(run.engine.module.config))
     batches = iter(run.loader)
     step = run.start_step
@@ -179,8 +209,21 @@ def loop(run: Run) -> None:
             _checkpoint(run, step, tracker)
         if not cfg.validation.every or step % cfg.validation.every:
             _validate(run, step, tracker)
+        tracker.log(step, {"replicas_in_sync": float(_check_replicas(run))})
     finally:
         tracker.close()
+
+
+def _check_replicas(run: Run) -> bool:
+    """ZeRO-2 keeps a full weight replica per rank; they must be bit-identical. Raises if they are not."""
+    digest = hashlib.sha256()
+    for _, param in sorted(run.engine.module.named_parameters()):
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * run.info.world_size
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"weight replicas diverged across ranks: {digests}")
+    return True
 
 
 def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
@@ -192,7 +235,9 @@ def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
     path = save_checkpoint(run.engine, run.run_dir, step, rank=run.info.rank, extra=extra)
     if run.info.is_main:
         removed = prune_checkpoints(run.run_dir, run.cfg.checkpoint.keep_last)
-        tracker.write(f"step {step}: checkpoint {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        tracker.write(
+            f"step {step}: checkpoint {path}" + (f" (removed {', '.join(removed)})" if removed else "")
+        )
 
 
 def _validate(run: Run, step: int, tracker: Tracker) -> None:
@@ -204,7 +249,11 @@ def _validate(run: Run, step: int, tracker: Tracker) -> None:
         scores = run_validation(run.engine.module, run.components, run.ema, run.val_batch, run.cfg, out_png)
         tracker.log(step, scores)
         tracker.log_image(step, "val/grid", out_png)
-        tracker.write(f"step {step}: validation " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f" -> {out_png}")
+        tracker.write(
+            f"step {step}: validation "
+            + " ".join(f"{k}={v:.3f}" for k, v in scores.items())
+            + f" -> {out_png}"
+        )
     dist.barrier()
 
 

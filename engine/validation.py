@@ -39,10 +39,16 @@ def run_validation(
     unet.eval()
     try:
         pipe = MVDiffusionPipeline(unet, components, scheduler=v.scheduler)
-        camera = torch.stack([batch["camera_embed_normal"], batch["camera_embed_image"]], dim=1)  # (B, 2, V, 10)
+        camera = torch.stack(
+            [batch["camera_embed_normal"], batch["camera_embed_image"]], dim=1
+        )  # (B, 2, V, 10)
         out = pipe(
-            batch["image_cond"], camera, num_inference_steps=v.steps, guidance_scale=v.guidance,
-            seed=cfg.run.seed, progress=False,
+            batch["image_cond"],
+            camera,
+            num_inference_steps=v.steps,
+            guidance_scale=v.guidance,
+            seed=cfg.run.seed,
+            progress=False,
         )
     finally:
         unet.train(was_training)
@@ -57,7 +63,10 @@ def run_validation(
 
 def _scores(batch: dict, normals: torch.Tensor, colors: torch.Tensor) -> dict[str, float]:
     scores = {}
-    for name, pred, true in (("normal", normals, batch["normal_target"]), ("color", colors, batch["image_target"])):
+    for name, pred, true in (
+        ("normal", normals, batch["normal_target"]),
+        ("color", colors, batch["image_target"]),
+    ):
         pred, true = pred.flatten(0, 1).float(), true.flatten(0, 1).float()
         scores[f"val/psnr_{name}"] = psnr(pred, true).mean().item()
         scores[f"val/ssim_{name}"] = ssim(pred, true).mean().item()

@@ -1,6 +1,6 @@
 """Export a run to a diffusers-layout model folder that launcher/generate.py and the pipeline load.
 
-    python launcher/export.py runs/demo --out exported/demo [--tag step00000150] [--no-ema]
+python launcher/export.py runs/demo --out exported/demo [--tag step00000150] [--no-ema]
 """
 
 import argparse
@@ -9,14 +9,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import ConfigError  # noqa: E402
+from engine.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="training run directory (holds checkpoints/)")
-    parser.add_argument("--out", required=True, help="output folder (unet/ vae/ image_encoder/ scheduler/ ...)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest, from checkpoints/latest)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (unet/ vae/ image_encoder/ scheduler/ ...)"
+    )
+    parser.add_argument(
+        "--tag", default=None, help="checkpoint tag (default: the newest, from checkpoints/latest)"
+    )
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     args = parser.parse_args(argv)
     from engine.export import export_run

@@ -123,7 +123,7 @@ def _resolve_precision(ds: dict, cfg: RunConfig, *, source: str, cuda: bool) -> 
             section["enabled"] = wanted
         elif enabled != wanted:
             raise ConfigError(
-                f"enabled={enabled} contradicts train.precision={precision!r}; use \"auto\" or make them agree",
+                f'enabled={enabled} contradicts train.precision={precision!r}; use "auto" or make them agree',
                 key=f"{name}.enabled",
                 source=source,
             )
@@ -146,5 +146,7 @@ def _reject_leftover_auto(ds: Any, *, source: str, prefix: str = "") -> None:
     for key, value in items:
         dotted = f"{prefix}{key}"
         if value == AUTO:
-            raise ConfigError('"auto" is not supported for this field; give a value', key=dotted, source=source)
+            raise ConfigError(
+                '"auto" is not supported for this field; give a value', key=dotted, source=source
+            )
         _reject_leftover_auto(value, source=source, prefix=f"{dotted}.")

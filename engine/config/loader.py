@@ -74,7 +74,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"top level must be a mapping of sections, got {type(data).__name__}", source=str(path))
+        raise ConfigError(
+            f"top level must be a mapping of sections, got {type(data).__name__}", source=str(path)
+        )
     return data
 
 

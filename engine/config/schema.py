@@ -15,7 +15,9 @@ REFERENCE_VIEWS = ["front", "front_right", "right", "back", "left", "front_left"
 
 @dataclass
 class RunSection:
-    dir: str = opt("runs/demo", "Run directory: checkpoints, metrics.jsonl, resolved configs, validation grids.")
+    dir: str = opt(
+        "runs/demo", "Run directory: checkpoints, metrics.jsonl, resolved configs, validation grids."
+    )
     seed: int = opt(42, "Global seed: model init, data order, noise. Same seed -> same loss curve.", min=0)
     resume: str = opt(
         "auto", "'auto' (newest checkpoint in run.dir, if any), 'none', or a checkpoint/run directory path."
@@ -31,22 +33,29 @@ class ModelSection:
         "feature_extractor/). Empty: build the tiny model below from config (CPU demo, tests).",
     )
     unet: str = opt(
-        "", "Optional UNet folder to start from instead of pretrained/unet: a gnn3d export or Wonder3D checkpoint."
+        "",
+        "Optional UNet folder to start from instead of pretrained/unet: a gnn3d export or Wonder3D checkpoint.",
     )
     num_views: int = opt(6, "Views per object that attend to each other; must equal len(data.views).", min=1)
     multiview_attention: bool = opt(True, "Self-attention over all views of an object (Wonder3D default).")
     sparse_mv_attention: bool = opt(False, "Each view attends to the first view and itself only.")
     cd_attention_mid: bool = opt(True, "Cross-domain attention after self-attention (needs data.mode=joint).")
-    cd_attention_last: bool = opt(False, "Cross-domain attention after the feed-forward (needs data.mode=joint).")
+    cd_attention_last: bool = opt(
+        False, "Cross-domain attention after the feed-forward (needs data.mode=joint)."
+    )
     attention: Literal["auto", "xformers", "sdpa", "math"] = opt(
         "auto", "Attention kernel: auto = xformers on CUDA when installed, else PyTorch SDPA."
     )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    zero_init_conv_in: bool = opt(True, "When widening a 2D UNet's conv_in 4->8, zero the new input channels.")
+    zero_init_conv_in: bool = opt(
+        True, "When widening a 2D UNet's conv_in 4->8, zero the new input channels."
+    )
     block_out_channels: list[int] = opt([32, 64], "Tiny model only: UNet widths per resolution level.")
     layers_per_block: int = opt(1, "Tiny model only: ResNet layers per UNet block.", min=1)
     attention_head_dim: int = opt(8, "Tiny model only: channels per attention head.", min=1)
-    cross_attention_dim: int = opt(32, "Tiny model only: CLIP embedding width (cross-attention context).", min=1)
+    cross_attention_dim: int = opt(
+        32, "Tiny model only: CLIP embedding width (cross-attention context).", min=1
+    )
 
 
 @dataclass
@@ -78,7 +87,9 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    micro_batch_size: int = opt(2, "Objects per rank per forward (each object = 2*V images in joint mode).", min=1)
+    micro_batch_size: int = opt(
+        2, "Objects per rank per forward (each object = 2*V images in joint mode).", min=1
+    )
     grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
     lr: float = opt(1e-4, "Peak learning rate (AdamW).", min=0.0)
     lr_schedule: Literal["constant", "cosine"] = opt("constant", "After warmup: constant or cosine to 0.")
@@ -86,25 +97,35 @@ class TrainSection:
     weight_decay: float = opt(1e-2, "AdamW weight decay.", min=0.0)
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
     adam_eps: float = opt(1e-8, "AdamW epsilon.", min=0.0)
-    grad_clip: float = opt(1.0, "Max gradient norm (0 disables); fills DeepSpeed's gradient_clipping.", min=0.0)
+    grad_clip: float = opt(
+        1.0, "Max gradient norm (0 disables); fills DeepSpeed's gradient_clipping.", min=0.0
+    )
     precision: Literal["fp32", "bf16", "fp16"] = opt(
         "fp32", "Fills DeepSpeed's bf16/fp16 'auto' fields. fp16 needs CUDA."
     )
     prediction_type: Literal["epsilon", "v_prediction"] = opt("epsilon", "What the UNet predicts.")
     snr_gamma: float = opt(5.0, "Min-SNR loss weighting gamma (0 = plain MSE).", min=0.0)
-    drop_image_embed: float = opt(0.05, "Per-object probability to zero only the CLIP embedding (CFG).", min=0, max=1)
-    drop_cond_latent: float = opt(0.05, "Per-object probability to zero only the condition latent.", min=0, max=1)
+    drop_image_embed: float = opt(
+        0.05, "Per-object probability to zero only the CLIP embedding (CFG).", min=0, max=1
+    )
+    drop_cond_latent: float = opt(
+        0.05, "Per-object probability to zero only the condition latent.", min=0, max=1
+    )
     drop_both: float = opt(0.05, "Per-object probability to zero both conditions.", min=0, max=1)
     ema_decay: float = opt(0.9999, "EMA decay of the UNet weights (0 disables EMA).", min=0.0, max=1.0)
     ema_every: int = opt(1, "Update the EMA every k optimizer steps.", min=1)
     trainable: list[str] = opt(["*"], "Name patterns (fnmatch) of UNet parameters to train; the rest frozen.")
-    class_embedding_lr_mult: float = opt(10.0, "Learning-rate multiplier of the camera class embedding.", min=0)
+    class_embedding_lr_mult: float = opt(
+        10.0, "Learning-rate multiplier of the camera class embedding.", min=0
+    )
 
 
 @dataclass
 class CheckpointSection:
     every: int = opt(100, "Save a checkpoint every N optimizer steps (and always at the end).", min=1)
-    keep_last: int = opt(3, "Checkpoints to keep; older ones are deleted after a newer one is complete.", min=1)
+    keep_last: int = opt(
+        3, "Checkpoints to keep; older ones are deleted after a newer one is complete.", min=1
+    )
 
 
 @dataclass
@@ -118,7 +139,9 @@ class LoggingSection:
     run_name: str = opt("", "Run name shown in wandb/tensorboard; empty = basename of run.dir.")
     tensorboard: bool = opt(True, "Also write tensorboard event files under run.dir/tb.")
     peak_tflops: float = opt(
-        0.0, "Peak dense TFLOP/s of one device, for MFU. 0 = known GPUs auto-detected; MFU not shown on CPU.", min=0
+        0.0,
+        "Peak dense TFLOP/s of one device, for MFU. 0 = known GPUs auto-detected; MFU not shown on CPU.",
+        min=0,
     )
 
 

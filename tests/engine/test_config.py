@@ -43,7 +43,9 @@ def test_yaml_then_overrides_with_sources(tmp_path):
 
 
 def test_override_value_types():
-    cfg = load_config(None, ["train.adam_betas=[0.8, 0.95]", "model.gradient_checkpointing=true", "run.max_steps=7"])
+    cfg = load_config(
+        None, ["train.adam_betas=[0.8, 0.95]", "model.gradient_checkpointing=true", "run.max_steps=7"]
+    )
     assert cfg.train.adam_betas == [0.8, 0.95]
     assert cfg.model.gradient_checkpointing is True
     assert cfg.run.max_steps == 7 and isinstance(cfg.run.max_steps, int)
@@ -75,7 +77,11 @@ BAD_RUN_CONFIGS = {
     "negative_lr": ("train:\n  lr: -0.1\n", [], ["train.lr", "run.yaml", "out of range"]),
     "views_vs_num_views": ("data:\n  views: [front, right]\n", [], ["model.num_views", "run.yaml"]),
     "unknown_view": (None, ["data.views=front,top", "model.num_views=2"], ["data.views", "top"]),
-    "mix_mode_with_cross_domain": (None, ["data.mode=mix", "model.cd_attention_mid=true"], ["data.mode", "mix"]),
+    "mix_mode_with_cross_domain": (
+        None,
+        ["data.mode=mix", "model.cd_attention_mid=true"],
+        ["data.mode", "mix"],
+    ),
     "resolution_not_multiple_of_8": (None, ["data.resolution=100"], ["data.resolution", "multiple of 8"]),
     "dropout_sum_over_one": (
         None,
@@ -101,7 +107,7 @@ def test_bad_run_config_names_key_and_file(tmp_path, case):
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -117,7 +123,9 @@ def _resolve(path: Path, overrides=(), world_size: int = 1, cuda: bool = False) 
 
 
 def test_ds_auto_fields_are_filled(tmp_path):
-    ds = _resolve(_ds(tmp_path, {}), ["train.micro_batch_size=3", "train.grad_accum=2", "train.precision=bf16"], 4)
+    ds = _resolve(
+        _ds(tmp_path, {}), ["train.micro_batch_size=3", "train.grad_accum=2", "train.precision=bf16"], 4
+    )
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 2)
     assert ds["train_batch_size"] == 24
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
@@ -146,9 +154,9 @@ def test_bad_ds_config_names_key_and_file(tmp_path, case):
 
 def test_ds_invalid_json_and_missing_file(tmp_path):
     bad = write(tmp_path, "{not json", "broken.json")
-    with pytest.raises(ConfigError, match="broken.json: invalid JSON"):
+    with pytest.raises(ConfigError, match=r"broken\.json: invalid JSON"):
         load_ds_config(bad)
-    with pytest.raises(ConfigError, match="absent.json: DeepSpeed config not found"):
+    with pytest.raises(ConfigError, match=r"absent\.json: DeepSpeed config not found"):
         load_ds_config(tmp_path / "absent.json")
 
 

@@ -23,7 +23,9 @@ def test_initialises_and_steps(path):
 
     info = init_distributed()
     cfg = load_config(None, ["train.micro_batch_size=2", "train.grad_accum=2"])
-    ds = resolve_ds_config(load_ds_config(path), cfg, world_size=info.world_size, source=str(path), cuda=False)
+    ds = resolve_ds_config(
+        load_ds_config(path), cfg, world_size=info.world_size, source=str(path), cuda=False
+    )
     if ds["zero_optimization"].get("offload_optimizer"):
         # On GPU machines the engine uses DeepSpeedCPUAdam; here a torch optimizer avoids its C++ build.
         ds["zero_force_ds_cpu_optimizer"] = False

@@ -1,0 +1,99 @@
+"""Helpers for tests that launch real training runs as subprocesses (one or several processes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = str(REPO / "launcher" / "train.py")
+
+# A tiny, fast run on 32² synthetic data; every test adds its own run.dir and overrides.
+TINY = [
+    "data.resolution=32",
+    "data.demo_objects=16",
+    "data.workers=1",
+    "data.shuffle_buffer=4",
+    "train.micro_batch_size=2",
+    "train.warmup_steps=2",
+    "logging.every=1",
+    "logging.wandb_mode=disabled",
+    "logging.tensorboard=false",
+    "validation.every=0",
+    "validation.num_objects=1",
+    "validation.steps=2",
+]
+
+
+def env() -> dict[str, str]:
+    out = dict(
+        os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
+    )
+    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
+    return out
+
+
+def command(nproc: int, port: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, TRAIN]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        TRAIN,
+    ]
+
+
+def train(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, port: int = 29511, timeout: int = 300):
+    """Run training to completion; raises with the output tail on failure."""
+    args = [*command(nproc, port), *TINY, f"run.dir={run_dir}", f"data.demo_cache={cache}", *overrides]
+    proc = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def train_and_kill(
+    run_dir: Path, cache: Path, *overrides: str, kill_after_step: int, nproc: int = 1, port: int = 29512
+):
+    """Start training and SIGKILL its whole process group once ``kill_after_step`` is logged."""
+    args = [*command(nproc, port), *TINY, f"run.dir={run_dir}", f"data.demo_cache={cache}", *overrides]
+    proc = subprocess.Popen(
+        args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, start_new_session=True
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before the kill: {proc.stderr.read()[-3000:]}")
+            if any(r["step"] >= kill_after_step for r in losses_by_step(run_dir).values()):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            time.sleep(0.05)
+        raise AssertionError("run never reached the kill step")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict]:
+    """The last logged training record of every step in metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    records = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when we looked
+                continue
+            if "loss" in record:
+                records[record["step"]] = record
+    return records
