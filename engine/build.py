@@ -1,13 +1,12 @@
 """Build the frozen components and the trainable UNet that a run config describes."""
 
-import json
 from pathlib import Path
 
 import torch
 
 from engine.config import ConfigError, RunConfig
 from modeling.components import Components, load_components, tiny_components
-from modeling.convert_2d import load_from_2d_unet
+from modeling.convert_2d import load_from_2d_unet, read_config, read_weights, unet_folder
 from modeling.unet_mv import MVUNet, tiny_unet_config
 from modeling.wonder3d_keys import load_wonder3d_unet
 
@@ -64,22 +63,46 @@ def build_unet(cfg: RunConfig) -> MVUNet:
     return unet
 
 
-def _load_unet_folder(folder: Path, mv: dict) -> MVUNet:
-    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    config_path = unet_dir / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"no config.json in {unet_dir}", key="model.unet")
-    config = json.loads(config_path.read_text())
+CROSS_DOMAIN_LAYERS = ("attn_joint_mid", "norm_joint_mid", "attn_joint_last", "norm_joint_last")
+
+
+def read_unet_source(path: Path) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(UNet config, weights, description) from a run directory (newest checkpoint, EMA weights when kept),
+    an exported gnn3d folder / its unet/, or a Wonder3D UNet folder (legacy key names mapped)."""
+    if (path / "checkpoints" / "latest").is_file():
+        from engine.export import run_weights
+
+        saved_cfg, weights, tag = run_weights(path)
+        return dict(build_unet(saved_cfg).config), weights, f"run {path} ({tag})"
+    folder = unet_folder(path)
+    config = read_config(folder)
     if config.get("_class_name") == MVUNet.__name__:
-        unet = MVUNet.from_pretrained(unet_dir)
-    else:
-        unet, _ = load_wonder3d_unet(unet_dir, attention_backend=mv["attention_backend"])
-    loaded = {k: unet.config[k] for k in mv if k != "attention_backend"}
-    wanted = {k: v for k, v in mv.items() if k != "attention_backend"}
-    if loaded != wanted:
-        diff = {k: (loaded[k], wanted[k]) for k in wanted if loaded[k] != wanted[k]}
+        return config, read_weights(folder), f"gnn3d UNet {folder}"
+    unet, _ = load_wonder3d_unet(folder, verbose=False)
+    return dict(unet.config), unet.state_dict(), f"Wonder3D UNet {folder}"
+
+
+def _load_unet_folder(path: Path, mv: dict) -> MVUNet:
+    """Start from an existing UNet with the run's multi-view options; new cross-domain layers may be added
+    (Wonder3D stage 2 adds cd_attention_mid to the stage-1 UNet). Anything else missing is an error."""
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist", key="model.unet")
+    config, weights, source = read_unet_source(path)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unet = MVUNet.from_config({**config, **mv})
+    result = unet.load_state_dict(weights, strict=False)
+    not_new = [k for k in result.missing_keys if not any(layer in k for layer in CROSS_DOMAIN_LAYERS)]
+    if result.unexpected_keys or not_new:
         raise ConfigError(
-            f"UNet at {unet_dir} differs from the run config (loaded, wanted): {diff}", key="model.unet"
+            f"{source} does not fit the configured UNet: missing {not_new[:6]}, unexpected "
+            f"{result.unexpected_keys[:6]} (check model.cd_attention_mid / cd_attention_last / num_views)",
+            key="model.unet",
         )
-    unet.set_attention(mv["attention_backend"])
+    added = sum(
+        unet.get_parameter(k).numel() for k in result.missing_keys if k in dict(unet.named_parameters())
+    )
+    print(f"loaded UNet from {source}", flush=True)
+    if result.missing_keys:
+        print(f"  added {len(result.missing_keys)} new cross-domain tensors ({added:,} parameters, output "
+              "projections zero-initialised so the loaded model's outputs are unchanged at step 0)", flush=True)  # fmt: skip
     return unet

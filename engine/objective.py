@@ -30,6 +30,11 @@ class ModelInputs:
     is_normal: Tensor  # (N,) bool: which domain each image belongs to
 
 
+def choose_normal_domain(generators: list[torch.Generator]) -> Tensor:
+    """Mix mode: one fair coin per object, True = the object trains its normal views. Shape [B] bool."""
+    return rand_per_object(generators) < 0.5
+
+
 class DiffusionObjective:
     """Computes the loss of one micro-batch; holds the frozen encoders and the noise scheduler."""
 
@@ -113,7 +118,7 @@ class DiffusionObjective:
 
     def _mix(self, batch, generators, views, cond_latent, clip) -> ModelInputs:
         # Stage 1: each object trains one domain, 50/50, marked by the domain one-hot of its camera embedding.
-        is_normal = rand_per_object(generators).to(self.device) < 0.5
+        is_normal = choose_normal_domain(generators).to(self.device)
         steps = randint_per_object(generators, self.scheduler.config.num_train_timesteps, 1)[:, 0].to(
             self.device
         )

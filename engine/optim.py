@@ -8,23 +8,30 @@ import torch
 from engine.config import ConfigError, RunConfig
 
 
-def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> dict[str, int]:
-    """Freeze every parameter whose name matches none of ``patterns`` (fnmatch); returns a count summary.
+def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> dict[str, list[int]]:
+    """Freeze every parameter whose name matches none of ``patterns`` (fnmatch).
 
     Frozen parameters get ``requires_grad=False`` so they stay out of the optimizer and of ZeRO's
-    optimizer-state partitions.
+    optimizer-state partitions. Returns ``{top-level module: [trainable, frozen]}`` parameter counts.
     """
-    trainable = frozen = 0
+    summary: dict[str, list[int]] = {}
     for name, param in unet.named_parameters():
         keep = any(fnmatch.fnmatchcase(name, p) for p in patterns)
         param.requires_grad_(keep)
-        if keep:
-            trainable += param.numel()
-        else:
-            frozen += param.numel()
-    if trainable == 0:
+        counts = summary.setdefault(name.split(".")[0], [0, 0])
+        counts[0 if keep else 1] += param.numel()
+    if not any(trainable for trainable, _ in summary.values()):
         raise ConfigError(f"no UNet parameter matches {patterns}", key="train.trainable")
-    return {"trainable": trainable, "frozen": frozen}
+    return summary
+
+
+def describe_trainable(summary: dict[str, list[int]]) -> str:
+    """Multi-line table of trainable / frozen parameter counts per top-level module, with totals."""
+    trainable = sum(t for t, _ in summary.values())
+    frozen = sum(f for _, f in summary.values())
+    lines = [f"UNet parameters: {trainable:,} trainable, {frozen:,} frozen"]
+    lines += [f"  {name:<22} {t:>13,} trainable {f:>13,} frozen" for name, (t, f) in summary.items()]
+    return "\n".join(lines)
 
 
 def param_groups(unet: torch.nn.Module, cfg: RunConfig) -> list[dict]:

@@ -26,7 +26,7 @@ from engine.demo_data import ensure_demo_shards
 from engine.distributed import DistInfo, init_distributed
 from engine.ema import EMA
 from engine.objective import DiffusionObjective
-from engine.optim import build_optimizer, lr_lambda, param_groups, select_trainable
+from engine.optim import build_optimizer, describe_trainable, lr_lambda, param_groups, select_trainable
 from engine.randomness import object_generators
 from engine.throughput import Throughput
 from engine.tracking import Tracker
@@ -104,8 +104,8 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     )
     _resume(run)
     if info.is_main:
-        print(f"UNet parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen; "
-              f"world size {info.world_size}; starting at step {run.start_step}", flush=True)  # fmt: skip
+        print(describe_trainable(counts), flush=True)
+        print(f"world size {info.world_size}; starting at step {run.start_step}", flush=True)
     return run
 
 

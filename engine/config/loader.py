@@ -125,8 +125,7 @@ def _convert(value: Any, kind: Any, *, key: str, source: str) -> Any:
     if origin is list:
         (item_kind,) = typing.get_args(kind)
         if isinstance(value, _Raw):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-            value = [_Raw(v).strip() if isinstance(v, str) else v for v in parsed]
+            value = [_Raw(v) if isinstance(v, str) else v for v in _split_list(value)]
         if not isinstance(value, list):
             raise fail(f"a list of {_type_name(item_kind)}")
         return [_convert(v, item_kind, key=key, source=source) for v in value]
@@ -143,6 +142,20 @@ def _convert(value: Any, kind: Any, *, key: str, source: str) -> Any:
     if kind in (int, float):
         return _convert_number(value, kind, fail)
     raise ConfigError(f"unsupported field type {kind}", key=key, source=source)
+
+
+def _split_list(text: str) -> list:
+    """CLI list: "a,b" or "[a, b]"; YAML-parsed when possible, else split plainly (``[*joint_mid*]``)."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list):
+            return parsed
+        text = text[1:-1] if text.endswith("]") else text[1:]
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _convert_number(value: Any, kind: type, fail: Any) -> Any:
