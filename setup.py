@@ -22,7 +22,8 @@ setup(
         "deepspeed>=0.16,<0.20",  # ZeRO engine, launcher, checkpoints
         "diffusers>=0.32,<0.43",  # UNet/VAE building blocks, schedulers
         "transformers>=4.45,<6",  # CLIP image encoder
-        "webdataset>=1.0,<2",  # tar-shard streaming
+        "webdataset>=1.0,<2",  # tar-shard URL layer (files, pipe:, http) and sample naming
+        "braceexpand>=0.1.7",  # shard brace patterns (shard-{000000..000099}.tar)
         "numpy>=1.26",
         "pillow>=10",
         "pyyaml>=6",

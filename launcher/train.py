@@ -27,10 +27,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="config options (section.key = default  (type)  meaning):" + describe_options(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: the CPU demo)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: the CPU demo)"
+    )
     parser.add_argument("--deepspeed", default=str(DEFAULT_DS), help="DeepSpeed JSON (default: ZeRO-2)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    parser.add_argument("--check", action="store_true", help="validate the config and DeepSpeed JSON, then exit")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the config and DeepSpeed JSON, then exit"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 run.dir=runs/x")
     return parser.parse_args(argv)
 

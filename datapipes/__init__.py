@@ -1,0 +1,1 @@
+"""gnn3d datapipes package."""
