@@ -5,9 +5,6 @@ python launcher/export.py runs/demo --out exported/demo [--tag step00000150] [--
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ConfigError
 

@@ -12,10 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing, too
+from engine.config import ConfigError, describe_options, load_config
 
-from engine.config import ConfigError, describe_options, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIG = REPO / "configs" / "demo_cpu.yaml"
 DEFAULT_DS = REPO / "ds_configs" / "zero2.json"
