@@ -21,7 +21,13 @@ from datapipes.shards import build_train_loader, build_val_loader
 from datapipes.transform import TransformOptions
 from engine.build import build_components, build_unet
 from engine.checkpoint import find_resume_dir, load_checkpoint, prune_checkpoints, save_checkpoint
-from engine.config import RunConfig, config_to_dict, resolve_ds_config, save_config, save_ds_config
+from engine.config import (
+    RunConfig,
+    config_to_dict,
+    resolve_ds_config,
+    save_config,
+    save_ds_config,
+)
 from engine.demo_data import ensure_demo_shards
 from engine.distributed import DistInfo, init_distributed
 from engine.ema import EMA

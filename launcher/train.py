@@ -9,10 +9,18 @@ Overrides are dotted ``section.key=value`` pairs; ``--help`` lists every key wit
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, describe_options, load_config
+from engine.config import (
+    ConfigError,
+    check_trainable_stage,
+    describe_options,
+    load_config,
+    load_ds_config,
+    resolve_ds_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from engine.config import load_ds_config
-
         ds_config = load_ds_config(args.deepspeed)
+        check_trainable_stage(ds_config, source=args.deepspeed)
+        if args.check:  # the batch arithmetic for the world size the launcher set (1 without one)
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+            resolve_ds_config(ds_config, cfg, world_size=world_size, source=args.deepspeed, cuda=True)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

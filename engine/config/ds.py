@@ -74,6 +74,18 @@ def resolve_ds_config(
     return out
 
 
+def check_trainable_stage(ds: dict[str, Any], *, source: str) -> None:
+    """The training loop keeps EMA, validates and checks replicas on full weights: ZeRO stages 0-2 only."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(
+            "ZeRO-3 partitions the weights, but gnn3d's EMA, validation and replica check need them whole; "
+            "use ds_configs/zero2.json or zero2_offload.json (ZeRO-3 training is not supported yet)",
+            key="zero_optimization.stage",
+            source=source,
+        )
+
+
 def save_ds_config(ds: dict[str, Any], path: str | Path) -> None:
     """Write the resolved JSON into the run directory."""
     Path(path).write_text(json.dumps(ds, indent=2) + "\n")

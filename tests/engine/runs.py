@@ -49,9 +49,25 @@ def command(nproc: int, port: int) -> list[str]:
     ]
 
 
-def train(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, port: int = 29511, timeout: int = 300):
-    """Run training to completion; raises with the output tail on failure."""
-    args = [*command(nproc, port), *TINY, f"run.dir={run_dir}", f"data.demo_cache={cache}", *overrides]
+def train(
+    run_dir: Path,
+    cache: Path,
+    *overrides: str,
+    nproc: int = 1,
+    port: int = 29511,
+    timeout: int = 300,
+    ds: str = "",
+):
+    """Run training to completion (``ds``: a DeepSpeed JSON under ds_configs/); raises with the output tail."""
+    ds_args = ["--deepspeed", str(REPO / "ds_configs" / ds)] if ds else []
+    args = [
+        *command(nproc, port),
+        *ds_args,
+        *TINY,
+        f"run.dir={run_dir}",
+        f"data.demo_cache={cache}",
+        *overrides,
+    ]
     proc = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(

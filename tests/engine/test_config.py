@@ -164,3 +164,12 @@ def test_fp16_refused_without_cuda(tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         _resolve(_ds(tmp_path, {}), ["train.precision=fp16"])
     assert _resolve(_ds(tmp_path, {}), ["train.precision=fp16"], cuda=True)["fp16"]["enabled"] is True
+
+
+def test_zero3_is_refused_for_training_with_a_reason():
+    from engine.config import check_trainable_stage
+
+    path = REPO / "ds_configs" / "zero3.json"
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage: ZeRO-3"):
+        check_trainable_stage(load_ds_config(path), source=str(path))
+    check_trainable_stage(load_ds_config(REPO / "ds_configs" / "zero2.json"), source="zero2.json")

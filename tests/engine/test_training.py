@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from engine.distributed import init_distributed
 from tests.engine.fixed_batch import fixed_batch_run, global_batch, tiny_config, train_steps
-from tests.engine.runs import REPO, env
+from tests.engine.runs import REPO, env, losses_by_step, train
 
 
 def test_tiny_model_overfits_one_fixed_batch():
@@ -61,3 +61,12 @@ def fixed_start_weights() -> dict:
     from engine.build import build_unet
 
     return {k: v.float() for k, v in build_unet(tiny_config()).state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds", ["zero1.json", "zero2_offload.json"])
+def test_other_zero_configs_train(tmp_path, demo_cache, ds):
+    run_dir = tmp_path / "run"
+    train(run_dir, demo_cache, "run.max_steps=2", "checkpoint.every=2", ds=ds)
+    assert sorted(losses_by_step(run_dir)) == [1, 2]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
