@@ -28,10 +28,13 @@ TINY = [
 ]
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict[str, str]:
-    out = dict(
-        os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
-    )
+    # In-process tests set this process's rendezvous variables; a child must not reuse its port.
+    out = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    out.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
     return out
 

@@ -1,0 +1,73 @@
+"""Parameter counts of the full-scale Wonder3D recipes and a ZeRO model-state memory estimate per GPU.
+
+    python benchmarks/param_counts.py            # writes benchmarks/results/param_counts.json
+
+The UNet is built on the meta device (no memory). Memory is an ESTIMATE of model states only (weights,
+gradients, AdamW states, our fp32 EMA), from the ZeRO paper's accounting, not a measurement; activations
+come on top and depend on batch size and gradient checkpointing.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from engine.build import multiview_options
+from engine.config import load_config
+from engine.optim import select_trainable
+from modeling.unet_mv import MVUNet
+
+REPO = Path(__file__).resolve().parents[1]
+# SD-1.x / sd-image-variations UNet widths (the 2D config that stage 1 starts from).
+SD_UNET = {
+    "sample_size": 32,
+    "in_channels": 8,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "class_embed_type": "projection",
+    "projection_class_embeddings_input_dim": 10,
+}
+GiB = 1024**3
+
+
+def zero2_model_states_gib(total: int, trainable: int, gpus: int, bf16: bool = True) -> float:
+    """Weights (bf16 or fp32) + ZeRO-2 partitioned grads and fp32 master/m/v + the full fp32 EMA copy."""
+    weight_bytes = 2 if bf16 else 4
+    weights = weight_bytes * total
+    grads = weight_bytes * trainable / gpus
+    optimizer = (12 if bf16 else 8) * trainable / gpus
+    ema = 4 * trainable
+    return (weights + grads + optimizer + ema) / GiB
+
+
+def stage_report(config_name: str) -> dict:
+    cfg = load_config(REPO / "configs" / config_name, ["model.pretrained=", "model.unet="])
+    with torch.device("meta"):
+        unet = MVUNet.from_config({**SD_UNET, **multiview_options(cfg)})
+    summary = select_trainable(unet, cfg.train.trainable)
+    trainable = sum(t for t, _ in summary.values())
+    total = trainable + sum(f for _, f in summary.values())
+    return {
+        "config": config_name,
+        "parameters_total": total,
+        "parameters_trainable": trainable,
+        "trainable_patterns": cfg.train.trainable,
+        "estimated_model_states_gib_per_gpu": {
+            str(g): round(zero2_model_states_gib(total, trainable, g), 2) for g in (1, 2, 4, 8, 16)
+        },
+    }
+
+
+if __name__ == "__main__":
+    report = {
+        "note": "estimate of model states only (bf16 weights, ZeRO-2 partitions, fp32 EMA); not measured",
+        "stages": [stage_report("wonder3d-stage1.yaml"), stage_report("wonder3d-stage2.yaml")],
+    }
+    out = REPO / "benchmarks" / "results" / "param_counts.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
