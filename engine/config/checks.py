@@ -1,12 +1,14 @@
 """Checks that involve more than one key: each names the keys to change and where they were set."""
 
+from pathlib import Path
+
 from engine.config.errors import ConfigError
 from engine.config.schema import REFERENCE_VIEWS, RunConfig
 
 
 def check_consistency(cfg: RunConfig) -> None:
     """Raise ConfigError on the first inconsistent combination of settings."""
-    for check in (_views, _domains, _resolution, _dropout, _betas, _validation):
+    for check in (_views, _domains, _resolution, _dropout, _betas, _validation, _held_out):
         check(cfg)
 
 
@@ -66,3 +68,18 @@ def _betas(cfg: RunConfig) -> None:
 def _validation(cfg: RunConfig) -> None:
     if not cfg.train.trainable:
         raise _fail(cfg, "train.trainable", "no trainable parameter patterns; use ['*'] to train everything")
+
+
+def _held_out(cfg: RunConfig) -> None:
+    """Validation must use held-out objects: a manifest has a val split; any other shard spec needs val_shards."""
+    shards = cfg.data.shards
+    if not shards or cfg.data.val_shards:
+        return
+    is_manifest = shards.endswith("manifest.json") or (Path(shards) / "manifest.json").is_file()
+    if not is_manifest:
+        raise _fail(
+            cfg,
+            "data.val_shards",
+            f"data.shards={shards!r} is not a manifest, so it has no validation split; set data.val_shards "
+            "to held-out shards (or point data.shards at the converter's manifest.json)",
+        )

@@ -32,7 +32,10 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
 
 
 def test_yaml_then_overrides_with_sources(tmp_path):
-    path = write(tmp_path, "train:\n  lr: 1e-4\ndata:\n  shards: /data/shard-{000000..000099}.tar\n")
+    path = write(
+        tmp_path,
+        "train:\n  lr: 1e-4\ndata:\n  shards: /data/shard-{000000..000099}.tar\n  val_shards: /v.tar\n",
+    )
     cfg = load_config(path, ["train.lr=3e-5", "data.views=front,right", "model.num_views=2"])
     assert cfg.train.lr == pytest.approx(3e-5)
     assert cfg.data.shards == "/data/shard-{000000..000099}.tar"  # braces survive, not parsed as YAML
@@ -93,6 +96,11 @@ BAD_RUN_CONFIGS = {
     "section_not_mapping": ("train: 5\n", [], ["train", "run.yaml", "mapping"]),
     "override_without_equals": (None, ["train.lr"], ["train.lr", "section.key=value"]),
     "list_item_type": (None, ["train.adam_betas=[0.9, high]"], ["train.adam_betas", "float"]),
+    "no_held_out_objects": (
+        None,
+        ["data.shards=/d/shard-{0..9}.tar"],
+        ["data.val_shards", "validation split"],
+    ),
 }
 
 
