@@ -3,6 +3,8 @@
 Install (CPU): pip install -e ".[test]". GPU users install a CUDA build of torch 2.13.0 first (see README).
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # torch is pinned exactly: on a machine without torch, a range that admits newer releases makes pip pull a
@@ -13,7 +15,7 @@ setup(
     name="gnn3d",
     version="0.1.0",
     description="DeepSpeed ZeRO-2 trainer for Wonder3D-style multi-view cross-domain diffusion models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine*", "modeling*", "datapipes*"]),
