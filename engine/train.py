@@ -29,6 +29,7 @@ from engine.config import (
     save_ds_config,
 )
 from engine.demo_data import ensure_demo_shards
+from engine.demo_vae import ensure_demo_vae
 from engine.distributed import DistInfo, init_distributed
 from engine.ema import EMA
 from engine.objective import DiffusionObjective
@@ -85,13 +86,14 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         save_ds_config(ds, run_dir / "ds_config.json")
     seed_everything(cfg.run.seed)
     components = build_components(cfg).to(info.device)
+    shards = cfg.data.shards or str(ensure_demo_shards(cfg, local_rank=info.local_rank))
+    ensure_demo_vae(cfg, components, local_rank=info.local_rank, run_components=run_dir / "components")
     if info.is_main and not cfg.model.pretrained and not (run_dir / "components").is_dir():
         from modeling.components import save_components
 
         save_components(components, run_dir / "components")  # export reuses the exact frozen parts
     engine, counts = build_engine(cfg, ds, info)
     ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.ema_every)
-    shards = cfg.data.shards or str(ensure_demo_shards(cfg, local_rank=info.local_rank))
     loader = build_train_loader(
         shards, batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,

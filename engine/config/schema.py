@@ -50,6 +50,14 @@ class ModelSection:
     zero_init_conv_in: bool = opt(
         True, "When widening a 2D UNet's conv_in 4->8, zero the new input channels."
     )
+    demo_vae_steps: int = opt(
+        1000,
+        "Tiny model on demo data only: steps fitting the tiny VAE to the demo renders before training "
+        "(once, cached next to the demo shards); 0 keeps the random VAE.",
+        min=0,
+    )
+    demo_vae_lr: float = opt(5e-3, "Tiny model on demo data only: learning rate of the demo VAE fit.", min=0)
+    demo_vae_batch_size: int = opt(8, "Tiny model on demo data only: images per demo VAE fit step.", min=1)
     block_out_channels: list[int] = opt([32, 64], "Tiny model only: UNet widths per resolution level.")
     layers_per_block: int = opt(1, "Tiny model only: ResNet layers per UNet block.", min=1)
     attention_head_dim: int = opt(8, "Tiny model only: channels per attention head.", min=1)

@@ -14,6 +14,7 @@ TRAIN = str(REPO / "launcher" / "train.py")
 # A tiny, fast run on 32² synthetic data; every test adds its own run.dir and overrides.
 TINY = [
     "data.resolution=32",
+    "model.demo_vae_steps=0",  # the VAE fit has its own tests; training mechanics don't need it
     "data.demo_objects=16",
     "data.workers=1",
     "data.shuffle_buffer=4",
