@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.config import ConfigError
+from engine.config import ConfigError, RunConfig
 
 TMP_PREFIX = ".tmp-"
 
@@ -130,6 +130,32 @@ def find_resume_dir(resume: str, run_dir: Path) -> tuple[Path, str] | None:
     raise ConfigError(
         f"no checkpoint found at {path} (want a run dir, its checkpoints/, or a step dir)", key="run.resume"
     )
+
+
+# Keys that change the UNet's parameters or the meaning of its inputs: a resume must not change them.
+ARCHITECTURE_KEYS = (
+    "model.num_views", "model.multiview_attention", "model.sparse_mv_attention", "model.cd_attention_mid",
+    "model.cd_attention_last", "model.block_out_channels", "model.layers_per_block", "model.attention_head_dim",
+    "model.cross_attention_dim", "model.pretrained", "model.unet", "data.resolution", "data.views", "data.mode",
+    "train.trainable",
+)  # fmt: skip
+
+
+def check_same_architecture(saved: RunConfig, current: RunConfig, *, source: str) -> None:
+    """Refuse to resume a checkpoint whose architecture keys differ from the run config's, naming them."""
+    diffs = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        before, now = getattr(getattr(saved, section), name), getattr(getattr(current, section), name)
+        if before != now:
+            diffs.append(f"{key}: checkpoint {before!r}, run config {now!r}")
+    if diffs:
+        raise ConfigError(
+            "cannot resume with a different architecture: " + "; ".join(diffs) + ". Set these back, or start "
+            "a new run.dir (model.unet=<old run> starts from its weights)",
+            key="run.resume",
+            source=source,
+        )
 
 
 def load_checkpoint(

@@ -20,10 +20,18 @@ import yaml
 from datapipes.shards import build_train_loader, build_val_loader
 from datapipes.transform import TransformOptions
 from engine.build import build_components, build_unet
-from engine.checkpoint import find_resume_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from engine.checkpoint import (
+    check_same_architecture,
+    find_resume_dir,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from engine.config import (
     RunConfig,
+    check_trainable_stage,
     config_to_dict,
+    load_config,
     resolve_ds_config,
     save_config,
     save_ds_config,
@@ -80,6 +88,7 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     ds = resolve_ds_config(
         ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda"
     )
+    check_trainable_stage(ds, source=ds_path)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -154,6 +163,8 @@ def _resume(run: Run) -> None:
     if found is None:
         return
     root, tag = found
+    saved = root / tag / "run_config.yaml"
+    check_same_architecture(load_config(saved), run.cfg, source=str(saved))
     state = load_checkpoint(
         run.engine, root, tag, rank=run.info.rank, world_size=run.info.world_size, ema=run.ema
     )

@@ -181,3 +181,16 @@ def test_zero3_is_refused_for_training_with_a_reason():
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage: ZeRO-3"):
         check_trainable_stage(load_ds_config(path), source=str(path))
     check_trainable_stage(load_ds_config(REPO / "ds_configs" / "zero2.json"), source="zero2.json")
+
+
+def test_resume_refuses_a_different_architecture():
+    from engine.checkpoint import check_same_architecture
+
+    saved = load_config(None, ["model.cd_attention_mid=false"])
+    check_same_architecture(
+        saved, load_config(None, ["model.cd_attention_mid=false", "train.lr=1"]), source="x"
+    )
+    with pytest.raises(ConfigError) as err:
+        check_same_architecture(saved, load_config(), source="ckpt/run_config.yaml")
+    assert "model.cd_attention_mid: checkpoint False, run config True" in str(err.value)
+    assert "ckpt/run_config.yaml" in str(err.value)
