@@ -28,6 +28,7 @@ from engine.checkpoint import (
     save_checkpoint,
 )
 from engine.config import (
+    ConfigError,
     RunConfig,
     check_trainable_stage,
     config_to_dict,
@@ -71,6 +72,9 @@ def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     try:
         run = setup(cfg, ds_config, ds_path, info)
         loop(run)
+    except ConfigError as err:  # a settings problem found late (resume, UNet folder): the message says it all
+        print(f"[rank {info.rank}] config error: {err}", file=sys.stderr, flush=True)
+        return 2
     except Exception:
         print(f"[rank {info.rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
@@ -89,6 +93,7 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda"
     )
     check_trainable_stage(ds, source=ds_path)
+    resume_from = _checkpoint_to_resume(cfg, run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -108,18 +113,9 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
     )  # fmt: skip
-    run = Run(
-        cfg,
-        info,
-        run_dir,
-        engine,
-        ema,
-        DiffusionObjective(components, cfg, info.device),
-        components,
-        loader,
-        shards,
-    )
-    _resume(run)
+    objective = DiffusionObjective(components, cfg, info.device)
+    run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=shards)
+    _resume(run, resume_from)
     if info.is_main:
         print(describe_trainable(counts), flush=True)
         print(f"world size {info.world_size}; starting at step {run.start_step}", flush=True)
@@ -158,13 +154,19 @@ def _transform(cfg: RunConfig, background: str) -> TransformOptions:
     )
 
 
-def _resume(run: Run) -> None:
-    found = find_resume_dir(run.cfg.run.resume, run.run_dir)
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, str] | None:
+    """The checkpoint ``run.resume`` names, checked against the run config before anything is written."""
+    found = find_resume_dir(cfg.run.resume, run_dir)
+    if found is not None:
+        saved = found[0] / found[1] / "run_config.yaml"
+        check_same_architecture(load_config(saved), cfg, source=str(saved))
+    return found
+
+
+def _resume(run: Run, found: tuple[Path, str] | None) -> None:
     if found is None:
         return
     root, tag = found
-    saved = root / tag / "run_config.yaml"
-    check_same_architecture(load_config(saved), run.cfg, source=str(saved))
     state = load_checkpoint(
         run.engine, root, tag, rank=run.info.rank, world_size=run.info.world_size, ema=run.ema
     )
