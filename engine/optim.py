@@ -6,6 +6,7 @@ import math
 import torch
 
 from engine.config import ConfigError, RunConfig
+from engine.config.checks import parse_lr_multiplier
 
 
 def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> dict[str, list[int]]:
@@ -35,18 +36,24 @@ def describe_trainable(summary: dict[str, list[int]]) -> str:
 
 
 def param_groups(unet: torch.nn.Module, cfg: RunConfig) -> list[dict]:
-    """Trainable parameters in two groups: the camera class embedding (lr × multiplier) and the rest."""
-    camera, rest = [], []
+    """Trainable parameters grouped by learning-rate factor (``train.lr_multipliers``; first match wins)."""
+    rules = [parse_lr_multiplier(entry) for entry in cfg.train.lr_multipliers]
+    groups: dict[str, dict] = {}
     for name, param in unet.named_parameters():
-        if param.requires_grad:
-            (camera if name.startswith("class_embedding.") else rest).append(param)
-    groups = [{"params": rest, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay, "name": "unet"}]
-    if camera:
-        lr = cfg.train.lr * cfg.train.class_embedding_lr_mult
-        groups.append(
-            {"params": camera, "lr": lr, "weight_decay": cfg.train.weight_decay, "name": "class_embedding"}
+        if not param.requires_grad:
+            continue
+        pattern, factor = next(((p, f) for p, f in rules if fnmatch.fnmatchcase(name, p)), ("*", 1.0))
+        group = groups.setdefault(
+            pattern,
+            {
+                "params": [],
+                "lr": cfg.train.lr * factor,
+                "weight_decay": cfg.train.weight_decay,
+                "name": pattern,
+            },
         )
-    return [g for g in groups if g["params"]]
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def build_optimizer(groups: list[dict], cfg: RunConfig, offload: bool) -> torch.optim.Optimizer:

@@ -8,7 +8,7 @@ from engine.config.schema import REFERENCE_VIEWS, RunConfig
 
 def check_consistency(cfg: RunConfig) -> None:
     """Raise ConfigError on the first inconsistent combination of settings."""
-    for check in (_views, _domains, _resolution, _dropout, _betas, _validation, _held_out):
+    for check in (_views, _domains, _resolution, _dropout, _betas, _validation, _held_out, _lr_multipliers):
         check(cfg)
 
 
@@ -83,3 +83,22 @@ def _held_out(cfg: RunConfig) -> None:
             f"data.shards={shards!r} is not a manifest, so it has no validation split; set data.val_shards "
             "to held-out shards (or point data.shards at the converter's manifest.json)",
         )
+
+
+def parse_lr_multiplier(entry: str) -> tuple[str, float]:
+    """'pattern=factor' -> (pattern, factor); ValueError when malformed or negative."""
+    pattern, sep, factor = entry.rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"{entry!r} is not 'pattern=factor'")
+    value = float(factor)
+    if value < 0:
+        raise ValueError(f"{entry!r}: the factor must be >= 0")
+    return pattern, value
+
+
+def _lr_multipliers(cfg: RunConfig) -> None:
+    for entry in cfg.train.lr_multipliers:
+        try:
+            parse_lr_multiplier(entry)
+        except ValueError as err:
+            raise _fail(cfg, "train.lr_multipliers", str(err)) from None

@@ -123,8 +123,10 @@ class TrainSection:
     ema_decay: float = opt(0.9999, "EMA decay of the UNet weights (0 disables EMA).", min=0.0, max=1.0)
     ema_every: int = opt(1, "Update the EMA every k optimizer steps.", min=1)
     trainable: list[str] = opt(["*"], "Name patterns (fnmatch) of UNet parameters to train; the rest frozen.")
-    class_embedding_lr_mult: float = opt(
-        10.0, "Learning-rate multiplier of the camera class embedding.", min=0
+    lr_multipliers: list[str] = opt(
+        ["class_embedding.*=10"],
+        "Per-pattern learning-rate factors 'pattern=factor' (fnmatch on UNet parameter names; the first "
+        "match wins, unmatched parameters use 1). Default: the camera class embedding at 10x, as Wonder3D.",
     )
 
 

@@ -96,6 +96,11 @@ BAD_RUN_CONFIGS = {
     "section_not_mapping": ("train: 5\n", [], ["train", "run.yaml", "mapping"]),
     "override_without_equals": (None, ["train.lr"], ["train.lr", "section.key=value"]),
     "list_item_type": (None, ["train.adam_betas=[0.9, high]"], ["train.adam_betas", "float"]),
+    "bad_lr_multiplier": (
+        None,
+        ["train.lr_multipliers=[class_embedding.*]"],
+        ["train.lr_multipliers", "pattern=factor"],
+    ),
     "no_held_out_objects": (
         None,
         ["data.shards=/d/shard-{0..9}.tar"],

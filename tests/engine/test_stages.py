@@ -66,3 +66,20 @@ def test_mix_mode_marks_each_object_with_its_domain_one_hot():
         assert torch.equal(rows, source)
         assert torch.allclose(rows[:, 3:5], normal_hot if is_normal else normal_hot.flip(0))
     assert inputs.latents.shape[0] == 4 * views  # B·V images: one domain per object
+
+
+def test_lr_multipliers_make_one_group_per_pattern():
+    from engine.build import build_unet
+    from engine.optim import param_groups
+
+    cfg = tiny_config("train.lr=1e-3", "train.lr_multipliers=[class_embedding.*=10, *joint_mid*=0.5]")
+    unet = build_unet(cfg)
+    groups = {g["name"]: g for g in param_groups(unet, cfg)}
+    assert groups["class_embedding.*"]["lr"] == pytest.approx(1e-2)
+    assert groups["*joint_mid*"]["lr"] == pytest.approx(5e-4)
+    assert groups["*"]["lr"] == pytest.approx(1e-3)
+    named = dict(unet.named_parameters())
+    assert {id(p) for p in groups["class_embedding.*"]["params"]} == {
+        id(p) for n, p in named.items() if n.startswith("class_embedding.")
+    }
+    assert sum(len(g["params"]) for g in groups.values()) == len(named)
