@@ -3,6 +3,7 @@
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,6 +21,21 @@ def demo_shards_dir(cfg: RunConfig) -> Path:
     return Path(d.demo_cache).expanduser() / name
 
 
+def build_then_publish(final: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build`` into a private temporary folder, then rename it to ``final``.
+
+    Nodes that share a filesystem never see a half-written cache; if another node published first, its
+    (deterministic, equivalent) copy wins and ours is discarded.
+    """
+    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_demo_shards(cfg: RunConfig, *, local_rank: int, log=print) -> Path:
     """Return the demo ``manifest.json``, rendering and converting it first if no cache exists (collective).
 
@@ -29,15 +45,13 @@ def ensure_demo_shards(cfg: RunConfig, *, local_rank: int, log=print) -> Path:
     final = demo_shards_dir(cfg)
     manifest = final / "shards" / "manifest.json"
     if local_rank == 0 and not manifest.is_file():
-        tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         log(f"rendering {cfg.data.demo_objects} synthetic objects into {final} (first use only)")
-        render_dataset(tmp / "renders", cfg.data.demo_objects, res=cfg.data.resolution, seed=cfg.run.seed)
-        convert(tmp / "renders", tmp / "shards", ConvertOptions(samples_per_shard=2, val_fraction=0.1))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another node finished first; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def build(tmp: Path) -> None:
+            render_dataset(tmp / "renders", cfg.data.demo_objects, res=cfg.data.resolution, seed=cfg.run.seed)
+            convert(tmp / "renders", tmp / "shards", ConvertOptions(samples_per_shard=2, val_fraction=0.1))
+
+        build_then_publish(final, build)
     if dist.is_initialized():
         dist.barrier()
     return manifest

@@ -13,9 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +29,7 @@ from datapipes.render_folder import list_objects, read_sample, resolve_layout
 from datapipes.sample import MultiViewSample
 from datapipes.transform import BACKGROUNDS, composite, resize_rgba
 from engine.config import RunConfig
-from engine.demo_data import demo_shards_dir
+from engine.demo_data import build_then_publish, demo_shards_dir
 from modeling.components import Components
 
 VAE_FORMAT_VERSION = 1  # bump when the fitting recipe changes, so stale cached VAEs are not reused
@@ -263,14 +260,12 @@ def _fit_and_save(
     stats = fit_demo_vae(
         fitted, renders, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.run.seed, log=log
     )
-    tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fitted.save_pretrained(tmp, safe_serialization=True)
-    (tmp / FIT_STATS).write_text(json.dumps(stats, indent=1) + "\n")
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another node finished first; its copy is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def save(tmp: Path) -> None:
+        fitted.save_pretrained(tmp, safe_serialization=True)
+        (tmp / FIT_STATS).write_text(json.dumps(stats, indent=1) + "\n")
+
+    build_then_publish(final, save)
     return stats
 
 

@@ -101,11 +101,10 @@ def test_malformed_objects_are_reported_not_dropped(tmp_path):
     assert "SKIPPED ee_badrt" in result.stdout and "verify: ok" in result.stdout
 
 
-def test_interrupted_conversion_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    ids = make_render_root(src, 9, res=16)
-    opts = ConvertOptions(samples_per_shard=2, val_fraction=0.0)
-    reference = convert(src, tmp_path / "ref", opts)
+def crash_on_third_commit(monkeypatch) -> tuple:
+    """Make the converter crash (KeyboardInterrupt) while committing its third shard, as a kill would.
+
+    Returns (the real commit function, the list of shards committed before the crash)."""
     real_commit, commits = convert_module._commit_shard, []
 
     def crash_on_third(out, plan, tmp, objects, manifest):
@@ -115,6 +114,15 @@ def test_interrupted_conversion_resumes_without_loss_or_duplicates(tmp_path, mon
         real_commit(out, plan, tmp, objects, manifest)
 
     monkeypatch.setattr(convert_module, "_commit_shard", crash_on_third)
+    return real_commit, commits
+
+
+def test_interrupted_conversion_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    ids = make_render_root(src, 9, res=16)
+    opts = ConvertOptions(samples_per_shard=2, val_fraction=0.0)
+    reference = convert(src, tmp_path / "ref", opts)
+    real_commit, _ = crash_on_third_commit(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "out", opts)
     partial = load_manifest(tmp_path / "out")
@@ -183,15 +191,7 @@ def test_resume_after_an_all_invalid_shard_never_overwrites_a_finished_one(tmp_p
     for uid in ids[2:4]:  # exactly the objects of the second shard
         next(src.glob(f"*/{uid}/000_front_RT.txt")).write_text("bad")
     opts = ConvertOptions(samples_per_shard=2, val_fraction=0.0)
-    real_commit, commits = convert_module._commit_shard, []
-
-    def crash_on_third(out, plan, tmp, objects, manifest):
-        if len(commits) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        commits.append(plan.name)
-        real_commit(out, plan, tmp, objects, manifest)
-
-    monkeypatch.setattr(convert_module, "_commit_shard", crash_on_third)
+    real_commit, commits = crash_on_third_commit(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "out", opts)
     assert commits == ["train/shard-000000.tar", "train/shard-000002.tar"]
