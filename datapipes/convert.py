@@ -1,4 +1,4 @@
-"""Render folders -> webdataset shards + ``manifest.json`` (issue item 3).
+"""Render folders -> webdataset shards + ``manifest.json`` (its format: `datapipes.manifest`).
 
 One shard sample per object: its encoded image files byte-identical to the source (members
 ``{key}.rgb_front.png``, ``{key}.normals_front.png``, ``{key}.mask_front.png`` for wonder3d) plus
@@ -9,7 +9,8 @@ Tar headers carry no time stamps or owners, so the same input always gives byte-
 Resume: the manifest is rewritten atomically after each finished shard. A restart keeps the shards listed in
 it, deletes half-written ones (``*.tmp``, or a shard file the manifest does not list) and converts only the
 objects not yet in a finished shard or in the skipped list -- no object is lost or duplicated.
-Invalid objects are never dropped silently: they are listed under ``skipped`` with the reason.
+Invalid objects are never dropped silently: they are listed under ``skipped`` with the reason. Which
+objects are taken at all (the reference's object / invalid lists) is `datapipes.selection`.
 
     python launcher/convert.py --src renders/ --out shards/ --samples-per-shard 256 --workers 2
 """
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
 import multiprocessing
 import os
 import re
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +33,13 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from datapipes.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    SPLITS,
+    load_manifest,
+    write_manifest_atomic,
+)
 from datapipes.render_folder import (
     CAMERAS_KEY,
     ObjectRef,
@@ -40,13 +49,13 @@ from datapipes.render_folder import (
     read_object,
     resolve_layout,
     split_of,
+    stable_unit_hash,
     tar_key,
 )
-from datapipes.sample import VIEW_NAMES, SampleError
+from datapipes.sample import COND_VIEW, VIEW_NAMES, SampleError
+from datapipes.selection import IdList, read_id_list, select_objects
+from datapipes.shard_io import iter_raw_objects
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "gnn3d-shards/1"
-SPLITS = ("train", "val")
 REENCODE_FORMATS = ("none", "png", "webp")
 TAR_HEADER_BYTES = 1024  # a tar header block plus padding, to estimate shard sizes before reading files
 
@@ -66,6 +75,10 @@ class ConvertOptions:
     val_fraction: float = 0.01
     workers: int = 0  # 0 = read objects in this process
     reencode: str = "none"  # "none" keeps the source bytes; "png" / "webp" re-encode losslessly
+    object_list: str | None = None  # JSON list of ids to convert (the reference's object_list.json)
+    exclude_list: str | None = None  # JSON list of ids to leave out (the reference's invalid_list.json)
+    allow_missing: bool = False  # object_list ids absent from the source: reported instead of an error
+    views: tuple[str, ...] = VIEW_NAMES  # the views every object must have and every sample stores
 
 
 @dataclass
@@ -91,55 +104,39 @@ def parse_size(text: str) -> int:
 # --------------------------------------------------------------------------------------------- manifest
 
 
-def new_manifest(src: Path, layout: str, opts: ConvertOptions) -> dict[str, Any]:
-    """An empty manifest for a fresh conversion."""
+def new_manifest(src: Path, layout: str, record: dict[str, Any], selection: dict[str, Any]) -> dict[str, Any]:
+    """An empty manifest for a fresh conversion (`record`: `_option_record`; `selection`: its counts)."""
     return {
         "format": MANIFEST_FORMAT,
         "source": str(src),
         "layout": layout,
-        "options": _option_record(opts, layout),
+        "options": record,
+        "views": list(record.get("views", VIEW_NAMES)),
+        "cond_view": COND_VIEW,
         "shards": [],
         "skipped": [],
+        "selection": selection,
         "splits": {split: {"shards": 0, "samples": 0, "bytes": 0} for split in SPLITS},
         "complete": False,
     }
 
 
-def _option_record(opts: ConvertOptions, layout: str) -> dict[str, Any]:
+def _option_record(opts: ConvertOptions, layout: str, lists: dict[str, IdList | None]) -> dict[str, Any]:
+    """What a resume must match: the options that change the output (lists by content, not path)."""
     record = asdict(opts)
     record.pop("workers")  # the worker count does not change the output
     record["layout"] = layout
+    for key, id_list in lists.items():
+        # Absent when unused, so manifests written before these options existed still resume.
+        record.pop(key)
+        if id_list is not None:
+            record[key] = {"ids": len(id_list.ids), "sha256": id_list.digest()}
+    if not record["allow_missing"]:
+        record.pop("allow_missing")
+    record["views"] = list(opts.views)  # as JSON reads it back
+    if opts.views == VIEW_NAMES:
+        record.pop("views")
     return record
-
-
-def load_manifest(out: str | Path) -> dict[str, Any]:
-    """Read ``OUT/manifest.json`` (or the manifest file itself); raises ConvertError if absent/invalid."""
-    path = Path(out)
-    path = path if path.suffix == ".json" else path / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConvertError(f"cannot read manifest {path}: {error}") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ConvertError(f"{path} is not a gnn3d shard manifest (format {manifest.get('format')!r})")
-    return manifest
-
-
-def write_manifest_atomic(out: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest to a temp file, fsync, then rename: a crash leaves the old or the new one, never half."""
-    for split in SPLITS:
-        shards = [s for s in manifest["shards"] if s["split"] == split]
-        manifest["splits"][split] = {
-            "shards": len(shards),
-            "samples": sum(s["samples"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-        }
-    tmp = out / f"{MANIFEST_NAME}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(manifest, handle, indent=1, allow_nan=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, out / MANIFEST_NAME)
 
 
 def _discard_unfinished(out: Path, manifest: dict[str, Any]) -> list[str]:
@@ -243,10 +240,12 @@ def _with_ext(key: str, ext: str) -> str:
     return f"{key.rsplit('.', 1)[0]}.{ext}"
 
 
-def _load_object(job: tuple[ObjectRef, str, str]) -> tuple[ObjectRef, RawObject | None, str]:
-    ref, layout, reencode = job
+def _load_object(
+    job: tuple[ObjectRef, str, str, tuple[str, ...]],
+) -> tuple[ObjectRef, RawObject | None, str]:
+    ref, layout, reencode, views = job
     try:
-        raw = read_object(ref, layout, VIEW_NAMES)
+        raw = read_object(ref, layout, views)
         return ref, raw if reencode == "none" else reencode_images(raw, reencode), ""
     except SampleError as error:
         return ref, None, str(error)
@@ -268,7 +267,7 @@ def _commit_shard(
 def _write_plans(
     out: Path, plans: list[ShardPlan], layout: str, opts: ConvertOptions, manifest: dict[str, Any]
 ) -> None:
-    jobs = [(ref, layout, opts.reencode) for plan in plans for ref in plan.objects]
+    jobs = [(ref, layout, opts.reencode, opts.views) for plan in plans for ref in plan.objects]
     results = _map_ordered(_load_object, jobs, opts.workers)
     bar = tqdm(total=len(jobs), desc="convert", unit="obj")
     for plan in plans:
@@ -302,27 +301,68 @@ def _map_ordered(func: Callable, jobs: list, workers: int) -> Iterator:
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict[str, Any]:
-    """Convert every object folder under `src` into shards under `out`; resumes an interrupted run.
+    """Convert the object folders under `src` into shards under `out`; resumes an interrupted run.
 
-    Returns the final manifest (also written to ``out/manifest.json``). Raises ConvertError when `out`
-    holds a manifest written with different options.
+    Takes every object, or those of `opts.object_list` minus `opts.exclude_list` (`datapipes.selection`).
+    Returns the final manifest (also written to ``out/manifest.json``); the caller decides what a
+    conversion that wrote no object means. Raises ConvertError when `out` holds a manifest written with
+    different options, LayoutError / SelectionError on an unusable source or list.
     """
     src, out = Path(src), Path(out)
-    objects = list_objects(src)
-    layout = resolve_layout(src, opts.layout, objects)
-    for split in SPLITS:
-        (out / split).mkdir(parents=True, exist_ok=True)
-    manifest = _resume_or_new(src, out, layout, opts)
-    done = {oid for shard in manifest["shards"] for oid in shard["objects"]}
-    done |= {item["object_id"] for item in manifest["skipped"]}
-    remaining = [ref for ref in objects if ref.object_id not in done]
-    first = {split: _next_index(manifest, split) for split in SPLITS}
     if opts.reencode not in REENCODE_FORMATS:
         raise ConvertError(f"reencode must be one of {REENCODE_FORMATS}, got {opts.reencode!r}")
+    _check_views(opts.views)
+    if not 0.0 <= opts.val_fraction < 1.0:  # also refuses NaN
+        raise ConvertError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    objects = list_objects(src)
+    layout = resolve_layout(src, opts.layout, objects)
+    lists = {
+        "object_list": read_id_list(opts.object_list, "--object-list") if opts.object_list else None,
+        "exclude_list": read_id_list(opts.exclude_list, "--exclude-list") if opts.exclude_list else None,
+    }
+    selection = select_objects(objects, lists["object_list"], lists["exclude_list"], opts.allow_missing)
+    warning = empty_val_warning([ref.object_id for ref in selection.objects], opts.val_fraction)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    manifest = _resume_or_new(src, out, layout, _option_record(opts, layout, lists), selection.report)
+    done = {oid for shard in manifest["shards"] for oid in shard["objects"]}
+    done |= {item["object_id"] for item in manifest["skipped"]}
+    remaining = [ref for ref in selection.objects if ref.object_id not in done]
+    first = {split: _next_index(manifest, split) for split in SPLITS}
     _write_plans(out, plan_shards(remaining, opts, first), layout, opts, manifest)
     manifest["complete"] = True
     write_manifest_atomic(out, manifest)
     return manifest
+
+
+def _check_views(views: tuple[str, ...]) -> None:
+    unknown = [view for view in views if view not in VIEW_NAMES]
+    if unknown or len(set(views)) != len(views) or COND_VIEW not in views:
+        raise ConvertError(
+            f"--views {','.join(views)}: give distinct names of {list(VIEW_NAMES)} including "
+            f"{COND_VIEW!r} (the condition view)"
+        )
+
+
+def empty_val_warning(object_ids: list[str], val_fraction: float) -> str | None:
+    """A one-line warning when `val_fraction` > 0 puts none of the objects in val, with the share that would.
+
+    The split is by id hash, so the smallest hash among the ids is the least fraction that selects one.
+    (A fraction of 0 asks for no validation split and is not warned about.)
+    """
+    if val_fraction <= 0 or not object_ids:
+        return None
+    if any(split_of(oid, val_fraction) == "val" for oid in object_ids):
+        return None
+    smallest = min(stable_unit_hash(oid) for oid in object_ids)
+    digits = max(3, 1 - math.floor(math.log10(max(smallest, 1e-12))))
+    needed = math.ceil(smallest * 10**digits + 1e-9) / 10**digits
+    return (
+        f"--val-fraction {val_fraction:g} of {len(object_ids)} objects selects 0 for validation; "
+        f"use --val-fraction >= {needed:g} to hold out at least one"
+    )
 
 
 def _next_index(manifest: dict[str, Any], split: str) -> int:
@@ -332,20 +372,23 @@ def _next_index(manifest: dict[str, Any], split: str) -> int:
     return 1 + max((int(re.search(r"shard-(\d+)\.tar$", n).group(1)) for n in names), default=-1)
 
 
-def _resume_or_new(src: Path, out: Path, layout: str, opts: ConvertOptions) -> dict[str, Any]:
+def _resume_or_new(
+    src: Path, out: Path, layout: str, record: dict[str, Any], selection: dict[str, Any]
+) -> dict[str, Any]:
     if not (out / MANIFEST_NAME).exists():
         _discard_unfinished(out, {"shards": []})
-        manifest = new_manifest(src, layout, opts)
+        manifest = new_manifest(src, layout, record, selection)
         write_manifest_atomic(out, manifest)
         return manifest
     manifest = load_manifest(out)
-    if manifest["options"] != _option_record(opts, layout):
+    if manifest["options"] != record:
         raise ConvertError(
             f"{out / MANIFEST_NAME} was written with options {manifest['options']}, this run uses "
-            f"{_option_record(opts, layout)}; use the same options to resume or a new --out"
+            f"{record}; use the same options to resume or a new --out"
         )
     for name in _discard_unfinished(out, manifest):
         print(f"discarding unfinished shard {name}")
+    manifest["selection"] = selection
     manifest["complete"] = False
     return manifest
 
@@ -359,8 +402,6 @@ def verify(out: str | Path) -> list[str]:
     Checks the file exists, its size and sha256, that it parses as a tar, and that the sample count and
     object ids (from each cameras.json) match the manifest.
     """
-    from datapipes.shard_io import iter_raw_objects  # local import: shard_io depends on this module's names
-
     out = Path(out)
     manifest = load_manifest(out)
     problems: list[str] = []

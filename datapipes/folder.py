@@ -1,9 +1,9 @@
 """Map-style dataset over render folders (like the reference's mvds.py), for small data and debugging.
 
-Reads a render root in either C4 layout directly, decodes with the same code as the shard reader
-(`render_folder.decode_raw_object`) and uses the same per-object augmentation RNG
+Reads a render root in either layout of `datapipes.render_folder`, decodes with the same code as the shard
+reader (`render_folder.decode_raw_object`) and uses the same per-object augmentation RNG
 (`stream_state.example_rng(seed, epoch, object_id)`), so an object gives the same example tensors from a
-folder as from a shard. Batches follow the C3 contract.
+folder as from a shard. Batches are those of `datapipes.transform.collate`.
 
     loader = build_folder_loader("renders/", batch_size=4, rank=0, world_size=1, seed=0,
                                  transform=TransformOptions(), workers=2)
@@ -33,7 +33,7 @@ from datapipes.transform import TransformOptions, collate, make_example
 
 
 class FolderDataset(Dataset):
-    """One example (C3 keys, unbatched) per object folder.
+    """One example (batch keys, unbatched) per object folder.
 
     Args:
         root: render root folder.
@@ -82,8 +82,9 @@ class FolderDataset(Dataset):
 
     def sample(self, index: int) -> MultiViewSample:
         """The decoded MultiViewSample of object `index`."""
-        # Headers only: decode_raw_object decodes (and so checks) every pixel right after.
-        return decode_raw_object(read_object(self.objects[index], self.layout, VIEW_NAMES, full_decode=False))
+        # Headers only: decode_raw_object decodes (and so checks) the pixels of the views it takes next.
+        raw = read_object(self.objects[index], self.layout, VIEW_NAMES, full_decode=False)
+        return decode_raw_object(raw, self.transform.views)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.sample(index)
@@ -105,7 +106,7 @@ def build_folder_loader(
     split: str | None = None,
     val_fraction: float = 0.01,
 ) -> DataLoader:
-    """DataLoader of C3 batches over a render root, split over ranks by DistributedSampler.
+    """DataLoader of batches over a render root, split over ranks by DistributedSampler.
 
     No process group is needed: rank and world size are passed explicitly. With drop_last every rank gets
     len(dataset) // (world_size * batch_size) batches (the sampler pads or trims to equal rank shares).

@@ -1,4 +1,4 @@
-"""Shard inspector: counts, sizes, per-field statistics and a picture grid of samples (issue item 6).
+"""Shard inspector: counts, sizes, per-field statistics and a picture grid of samples.
 
 Named `inspection` (not `inspect`) so it never shadows the standard library module.
 
@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datapipes.manifest import MANIFEST_NAME
 from datapipes.render_folder import decode_raw_object
 from datapipes.sample import MultiViewSample, SampleError
-from datapipes.shard_io import MANIFEST_NAME, ShardInfo, iter_shard_entries, raw_from_entry, resolve_shards
+from datapipes.shard_io import ShardInfo, iter_shard_entries, raw_from_entry, resolve_shards
 
 
 def resolve_target(target: str, split: str = "train") -> list[ShardInfo]:

@@ -1,4 +1,4 @@
-"""Per-object render folders (contract C4): detect the layout, list objects, validate and read one object.
+"""Per-object render folders: detect the layout, list objects, validate and read one object.
 
 Two layouts are read:
 - ``wonder3d`` (the reference dataset): ``{root}/{uid[:3]}/{uid}/rgb_000_{view}.png``, ``normals_000_{view}.png``
@@ -20,6 +20,7 @@ import json
 import math
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ CAMERAS_KEY = "cameras.json"
 CAMERAS_FORMAT = "gnn3d-cameras/1"
 # Decompression bombs are a real risk with untrusted image files; 8k x 8k is far above any render size.
 MAX_IMAGE_PIXELS = 8192 * 8192
+LAYOUT_PROBE = 64  # object folders sampled to detect a tree's layout
+LAYOUT_MARGIN = 0.9  # share of the sampled folders' votes the detected layout needs
 
 
 class LayoutError(ValueError):
@@ -68,10 +71,6 @@ class RawObject:
     cameras: dict[str, Any]
     source: str = ""
 
-    def total_bytes(self) -> int:
-        """Encoded size of every member including cameras.json (bytes)."""
-        return sum(len(data) for data in self.files.values()) + len(cameras_json_bytes(self.cameras))
-
 
 def kinds_for(layout: str) -> tuple[str, ...]:
     """Image kinds stored per view in a layout."""
@@ -79,12 +78,6 @@ def kinds_for(layout: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------- listing
-
-
-def _is_object_folder(path: Path) -> bool:
-    return any(
-        p.name.startswith(("rgb_000_", "normals_000_")) or p.name.endswith("_RT.txt") for p in path.iterdir()
-    )
 
 
 def list_objects(root: str | Path) -> list[ObjectRef]:
@@ -107,18 +100,43 @@ def list_objects(root: str | Path) -> list[ObjectRef]:
     return [found[key] for key in sorted(found)]
 
 
-def detect_layout(root: str | Path, objects: list[ObjectRef] | None = None, probe: int = 16) -> str:
-    """Guess the layout from the first `probe` object folders: RT files -> render-script, masks -> wonder3d."""
+def _layout_evidence(folder: Path) -> str | None:
+    """The layout one object folder points to: RT files only -> render-script, masks only -> wonder3d."""
+    names = [p.name for p in folder.iterdir()]
+    has_rt = any(name.endswith("_RT.txt") for name in names)
+    has_mask = any(name.startswith("mask_000_") for name in names)
+    if has_rt == has_mask:
+        return None  # both or neither: this folder says nothing
+    return "render-script" if has_rt else "wonder3d"
+
+
+def _spread(objects: list[ObjectRef], count: int) -> list[ObjectRef]:
+    """Up to `count` objects evenly spaced over the id-sorted list (not just its head)."""
+    if len(objects) <= count:
+        return objects
+    return [objects[index * len(objects) // count] for index in range(count)]
+
+
+def detect_layout(root: str | Path, objects: list[ObjectRef] | None = None, probe: int = LAYOUT_PROBE) -> str:
+    """Decide the layout of a whole tree from up to `probe` object folders spread over it.
+
+    Each sampled folder votes by its files (see `_layout_evidence`); a layout wins with at least
+    `LAYOUT_MARGIN` of the votes, cast by at least half of the sampled folders. One stray RT file or mask
+    cannot flip a tree; anything less clear raises LayoutError with the counts.
+    """
     objects = list_objects(root) if objects is None else objects
-    for ref in objects[:probe]:
-        names = [p.name for p in ref.path.iterdir()]
-        if any(name.endswith("_RT.txt") for name in names):
-            return "render-script"
-        if any(name.startswith("mask_000_") for name in names):
-            return "wonder3d"
+    if not objects:
+        raise LayoutError(f"no object folders under {root} (expected {{prefix}}/{{uid}}/ folders)")
+    sampled = _spread(objects, probe)
+    votes = Counter(_layout_evidence(ref.path) for ref in sampled)
+    cast = votes["render-script"] + votes["wonder3d"]
+    for layout in LAYOUTS:
+        if cast * 2 >= len(sampled) and votes[layout] >= LAYOUT_MARGIN * cast:
+            return layout
     raise LayoutError(
-        f"cannot detect the layout of {root}: no RT files or masks in its first {probe} object folders; "
-        "pass --layout wonder3d|render-script"
+        f"cannot detect the layout of {root}: of {len(sampled)} sampled object folders "
+        f"{votes['render-script']} have RT files (render-script), {votes['wonder3d']} have masks (wonder3d), "
+        f"{votes[None]} have both or neither; pass --layout wonder3d|render-script"
     )
 
 
@@ -293,45 +311,45 @@ def _decode(files: dict[str, bytes], kind: str, view: str, raw: RawObject, mode:
     return np.asarray(image.convert(mode))
 
 
-def decode_raw_object(raw: RawObject) -> MultiViewSample:
-    """Decode a RawObject into the C1 `MultiViewSample` (RGBA uint8 views, float64 poses) and validate it.
+def _decode_view(raw: RawObject, view: str) -> tuple[np.ndarray, np.ndarray]:
+    """(color RGBA, normal RGBA) uint8 [H, W, 4] of one stored view."""
+    if raw.layout != "wonder3d":
+        return _decode(raw.files, "rgb", view, raw, "RGBA"), _decode(raw.files, "normals", view, raw, "RGBA")
+    alpha = _decode(raw.files, "mask", view, raw, "L")
+    rgb = _decode(raw.files, "rgb", view, raw, "RGB")
+    nrm = _decode(raw.files, "normals", view, raw, "RGB")
+    if not (alpha.shape == rgb.shape[:2] == nrm.shape[:2]):
+        raise SampleError(raw.object_id, f"mask_{view}", "mask size differs from its images", raw.source)
+    return np.dstack([rgb, alpha]), np.dstack([nrm, alpha])
 
+
+def decode_raw_object(raw: RawObject, views: tuple[str, ...] | None = None) -> MultiViewSample:
+    """Decode a RawObject into a `MultiViewSample` (RGBA uint8 views, float64 poses) and validate it.
+
+    views: the target views to decode, in this order (None: every stored view, stored order); the
+    condition image is always the stored condition view, whether or not it is among them.
     wonder3d: the mask image becomes the alpha of both the color and the normal image of its view.
     render-script: alpha comes from the RGBA files. Raises SampleError naming object, source and key.
     """
-    views = tuple(raw.cameras["view_names"])
-    colors, normals = [], []
-    for view in views:
-        if raw.layout == "wonder3d":
-            alpha = _decode(raw.files, "mask", view, raw, "L")
-            rgb = _decode(raw.files, "rgb", view, raw, "RGB")
-            nrm = _decode(raw.files, "normals", view, raw, "RGB")
-            if not (alpha.shape == rgb.shape[:2] == nrm.shape[:2]):
-                raise SampleError(
-                    raw.object_id, f"mask_{view}", "mask size differs from its images", raw.source
-                )
-            colors.append(np.dstack([rgb, alpha]))
-            normals.append(np.dstack([nrm, alpha]))
-        else:
-            colors.append(_decode(raw.files, "rgb", view, raw, "RGBA"))
-            normals.append(_decode(raw.files, "normals", view, raw, "RGBA"))
+    stored = tuple(raw.cameras["view_names"])
+    views = stored if views is None else tuple(views)
+    cond_view = raw.cameras.get("cond_view", COND_VIEW)
+    absent = [view for view in (*views, cond_view) if view not in stored]
+    if absent or not views:
+        raise SampleError(raw.object_id, CAMERAS_KEY, f"views {absent} not among stored {stored}", raw.source)
+    colors, normals = (list(images) for images in zip(*(_decode_view(raw, view) for view in views)))
     sizes = {image.shape for image in colors + normals}
     if len(sizes) != 1:
         raise SampleError(raw.object_id, "image size", f"views differ in size: {sorted(sizes)}", raw.source)
     w2c = _poses_from_record(raw, views)
-    cond_view = raw.cameras.get("cond_view", COND_VIEW)
-    if cond_view not in views:
-        raise SampleError(
-            raw.object_id, CAMERAS_KEY, f"cond view {cond_view!r} not among {views}", raw.source
-        )
-    cond = views.index(cond_view)
+    cond_rgba = colors[views.index(cond_view)] if cond_view in views else _decode_view(raw, cond_view)[0]
     sample = MultiViewSample(
         object_id=raw.object_id,
-        cond_rgba=colors[cond].copy(),
+        cond_rgba=cond_rgba.copy(),
         color_rgba=np.stack(colors),
         normal_rgba=np.stack(normals),
         w2c=w2c,
-        cond_w2c=w2c[cond].copy(),
+        cond_w2c=_poses_from_record(raw, (cond_view,))[0],
         view_names=views,
         source=raw.source,
     )

@@ -1,4 +1,4 @@
-"""One decoded multi-view sample: the schema every reader produces and the transform consumes (contract C1).
+"""One decoded multi-view sample: the schema every reader produces and the transform consumes.
 
 A sample is one object: the condition image (the front color view), V target views with a color image and a
 normal map each (RGBA, alpha = object mask), and the world->camera pose of every view.
@@ -7,7 +7,7 @@ Elevation/azimuth are derived from the poses in `datapipes.cameras`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -62,6 +62,26 @@ class MultiViewSample:
     @property
     def num_views(self) -> int:
         return len(self.view_names)
+
+    def select(self, views: tuple[str, ...]) -> MultiViewSample:
+        """The same object with only `views` as targets, in that order; the condition view is kept.
+
+        Raises SampleError naming the views this sample does not hold.
+        """
+        views = tuple(views)
+        if views == self.view_names:
+            return self
+        absent = [view for view in views if view not in self.view_names]
+        if absent or not views:
+            raise self.error("view_names", f"views {absent or '[]'} not among stored {self.view_names}")
+        index = [self.view_names.index(view) for view in views]
+        return replace(
+            self,
+            color_rgba=self.color_rgba[index],
+            normal_rgba=self.normal_rgba[index],
+            w2c=self.w2c[index],
+            view_names=views,
+        )
 
     def error(self, key: str, problem: str) -> SampleError:
         """Build a SampleError for this sample (caller raises it)."""

@@ -22,10 +22,9 @@ from pathlib import Path
 import braceexpand
 from webdataset.gopen import gopen
 
+from datapipes.manifest import MANIFEST_NAME, load_manifest, manifest_path, manifest_views
 from datapipes.render_folder import CAMERAS_KEY, RawObject, parse_cameras_json
 from datapipes.sample import SampleError
-
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,29 @@ def resolve_shards(spec: str | Path | list[str], split: str = "train") -> list[S
 
 
 def _from_manifest(path: Path, split: str) -> list[ShardInfo]:
-    from datapipes.convert import load_manifest  # local import keeps convert -> shard_io one-directional
-
     manifest = load_manifest(path)
     shards = [s for s in manifest["shards"] if s["split"] == split]
     return [ShardInfo(str(path.parent / s["name"]), int(s["samples"])) for s in shards]
+
+
+def stored_views(spec: str, split: str = "train") -> tuple[tuple[str, ...], str, str] | None:
+    """(views every sample stores, condition view, where that was read) for a URL spec, or None.
+
+    A manifest says it for all its shards; otherwise the first sample of the first shard is read when
+    that shard is a local file. None when neither is possible (remote shards, an empty spec).
+    Raises ManifestError / SampleError when the manifest or that sample is unreadable.
+    """
+    path = Path(spec)
+    if not spec.startswith("pipe:") and (path.name == MANIFEST_NAME or (path / MANIFEST_NAME).is_file()):
+        views, cond_view = manifest_views(load_manifest(path))
+        return views, cond_view, str(manifest_path(path))
+    shards = resolve_shards(spec, split)
+    if not shards or not Path(shards[0].url).is_file():
+        return None
+    for entry in iter_shard_entries(shards[0].url):
+        record = raw_from_entry(entry).cameras
+        return tuple(record["view_names"]), str(record["cond_view"]), f"{shards[0].url}#{entry.key}"
+    return None
 
 
 def _key_and_member(name: str) -> tuple[str, str]:

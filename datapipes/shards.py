@@ -4,7 +4,7 @@ Public entry points (what the engine calls)::
 
     loader = build_train_loader("shards/manifest.json", batch_size=4, rank=rank, world_size=world,
                                 seed=0, transform=TransformOptions(), workers=2, shuffle_buffer=256)
-    for step, batch in zip(range(max_steps), loader):   # infinite: C3 batches
+    for step, batch in zip(range(max_steps), loader):   # infinite: batches (datapipes.transform)
         ...
         client_state["data"] = loader.state_dict()       # JSON-able; count is of batches consumed here
     loader.load_state_dict(client_state["data"])          # before iterating: continue exactly there
@@ -85,7 +85,7 @@ class StreamError(RuntimeError):
 
 def decode_entry(entry: ShardEntry, opts: TransformOptions, seed: int, epoch: int) -> dict[str, Any]:
     """Shard entry -> example dict (decode, validate, `make_example`); raises SampleError."""
-    sample = decode_raw_object(raw_from_entry(entry))
+    sample = decode_raw_object(raw_from_entry(entry), opts.views)  # decodes only the selected views
     return make_example(sample, opts, example_rng(seed, epoch, sample.object_id))
 
 
@@ -197,7 +197,7 @@ class ShardStream(IterableDataset):
 
 
 class ResumableLoader:
-    """Iterable of C3 batches over a `ShardStream` with exact `state_dict()` / `load_state_dict()`.
+    """Iterable of batches over a `ShardStream` with exact `state_dict()` / `load_state_dict()`.
 
     Iterating again after a break continues where the last handed-out batch left off.
     """
@@ -264,7 +264,7 @@ def build_train_loader(
     split: str = "train",
     pin_memory: bool = False,
 ) -> ResumableLoader:
-    """Infinite, deterministic, resumable training loader of C3 batches for one rank (module docstring).
+    """Infinite, deterministic, resumable training loader of batches for one rank (module docstring).
 
     max_epochs: stop after that many data epochs (tests / finite runs); None = infinite.
     """
@@ -393,7 +393,7 @@ def build_val_loader(
     bad_sample: str = "skip",
     split: str = "val",
 ) -> ValLoader:
-    """Single-pass validation loader of C3 batches for one rank (see `ValStream`)."""
+    """Single-pass validation loader of batches for one rank (see `ValStream`)."""
     dataset = ValStream(
         resolve_shards(urls, split),
         batch_size=batch_size,

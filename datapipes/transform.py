@@ -1,4 +1,4 @@
-"""One decoded sample -> the training example tensors, and collation to the batch contract (C2/C3).
+"""One decoded sample -> the training example tensors, and collation to the training batch.
 
 Per object (as the reference dataset does): resize every RGBA image to `resolution` (PIL, antialiased,
 alpha-premultiplied), pick one background for the whole object, composite colors with alpha, map the
@@ -35,18 +35,27 @@ EMBED_KEYS = ("camera_embed_image", "camera_embed_normal")
 
 @dataclass(frozen=True)
 class TransformOptions:
-    """How one sample becomes an example. `background="random"` draws white/black/gray once per object."""
+    """How one sample becomes an example. `background="random"` draws white/black/gray once per object.
+
+    views: the target views to take, in this order (a subset or reorder of the stored ones); None takes
+    every stored view in stored order. Images, normals, poses and camera embeddings all follow it.
+    """
 
     resolution: int = 256
     num_views: int = 6
     background: str = "random"
     clip_size: int = 224
+    views: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.background not in BACKGROUND_CHOICES:
             raise ValueError(f"background must be one of {BACKGROUND_CHOICES}, got {self.background!r}")
         if self.resolution < 8 or self.clip_size < 8 or self.num_views < 1:
             raise ValueError(f"resolution/clip_size must be >= 8 and num_views >= 1: {self}")
+        if self.views is not None:
+            object.__setattr__(self, "views", tuple(self.views))  # a list from a config stays hashable
+            if len(self.views) != self.num_views or len(set(self.views)) != len(self.views):
+                raise ValueError(f"views {self.views} must be {self.num_views} distinct names (num_views)")
 
 
 def pick_background(mode: str, rng: np.random.Generator | None) -> np.ndarray:
@@ -121,13 +130,15 @@ def _normal_views(sample: MultiViewSample, normal_rgba: np.ndarray, background: 
 def make_example(
     sample: MultiViewSample, opts: TransformOptions, rng: np.random.Generator | None
 ) -> dict[str, Any]:
-    """One object -> unbatched example tensors (C3 keys without the leading B). Deterministic given rng.
+    """One object -> unbatched example tensors (batch keys without the leading B). Deterministic given rng.
 
     rng is only drawn from for background="random" (one draw per object); None is fine otherwise.
     Shapes: image_cond [3,H,W]; image_target, normal_target [V,3,H,W] in [0,1]; *_vae the same in [-1,1];
     image_cond_CLIP [3,clip,clip]; camera_embed_image/normal [V,10]; object_id str. Raises SampleError.
     """
     sample.validate()
+    if opts.views is not None:
+        sample = sample.select(opts.views)  # a no-op when the reader already decoded just these views
     if sample.num_views != opts.num_views:
         raise sample.error("view_names", f"{sample.num_views} views, transform expects {opts.num_views}")
     background = pick_background(opts.background, rng)
@@ -192,7 +203,7 @@ def check_example(example: dict[str, Any], opts: TransformOptions, object_id: st
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack examples into the C3 batch: tensors gain a leading B, object_id becomes list[str]."""
+    """Stack examples into the training batch: tensors gain a leading B, object_id becomes list[str]."""
     if not examples:
         raise ValueError("collate() got an empty list of examples")
     keys = set(examples[0])

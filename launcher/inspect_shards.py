@@ -2,7 +2,7 @@
 
     python launcher/inspect_shards.py data/shards --grid runs/grid.png --samples 4
     python launcher/inspect_shards.py "data/shards/train/shard-{000000..000003}.tar" --json stats.json
-Grid rows: condition | 6 color views | 6 normal maps exactly as stored (on white).
+Grid rows: condition | the stored color views | their normal maps exactly as stored (on white).
 """
 
 from __future__ import annotations

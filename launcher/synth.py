@@ -1,6 +1,6 @@
 """Render the embedded synthetic dataset: random primitive unions seen from the reference 6-view rig.
 
-Writes the reference render-script layout (contract C4), ready for `launcher/convert.py`:
+Writes the reference render-script layout, ready for `launcher/convert.py`:
     python launcher/synth.py --out data/synth --objects 1000 --res 256
     python launcher/synth.py --out data/synth_webp --objects 100 --format webp --workers 4
 Objects are a function of (--seed, object index) only, so reruns write identical bytes, and objects whose

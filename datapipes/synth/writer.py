@@ -1,4 +1,4 @@
-"""Write rendered objects in the reference render-script layout (contract C4).
+"""Write rendered objects in the reference render-script layout (`datapipes.render_folder`).
 
 `{root}/{uid[:2]}/{uid}/rgb_000_{view}.{png|webp}` (RGBA), `normals_000_{view}.{ext}` (RGBA, world-space
 normals) and `000_{view}_RT.txt` (3x4 world->camera, written like the reference's `np.savetxt`).

@@ -1,4 +1,4 @@
-"""The reference rig and camera embedding against the values read from the reference (facts file)."""
+"""The reference rig and camera embedding against the values of Wonder3D's released RT files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from datapipes.cameras import (
 )
 from datapipes.sample import VIEW_NAMES
 
-# (d_theta, d_phi) in radians per view, as listed in the facts file for the tilted reference ring.
+# (d_theta, d_phi) in radians per view, as read from Wonder3D's RT files for the tilted reference ring.
 REFERENCE_DELTAS = {
     "front": (0.0, 0.0),
     "front_right": (-0.2362, 0.8124),

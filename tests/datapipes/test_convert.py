@@ -18,11 +18,11 @@ from datapipes.convert import (
     ConvertError,
     ConvertOptions,
     convert,
-    load_manifest,
     parse_size,
     plan_shards,
     verify,
 )
+from datapipes.manifest import load_manifest
 from datapipes.render_folder import decode_raw_object, list_objects, read_sample, split_of
 from datapipes.sample import VIEW_NAMES
 from datapipes.shard_io import iter_raw_objects

@@ -12,8 +12,8 @@ import numpy as np
 from fixtures_stream import make_shards
 from PIL import Image
 
-from datapipes.convert import load_manifest
 from datapipes.inspection import first_samples, resolve_target, sample_grid, shard_statistics
+from datapipes.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 

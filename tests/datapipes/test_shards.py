@@ -13,7 +13,7 @@ import pytest
 import torch
 from fixtures_stream import make_shards
 
-from datapipes.convert import load_manifest
+from datapipes.manifest import load_manifest
 from datapipes.sample import SampleError
 from datapipes.shard_io import resolve_shards
 from datapipes.shards import StreamError, build_train_loader, build_val_loader, tensor_bytes

@@ -1,4 +1,4 @@
-"""Example transform + collate (contracts C2/C3): shapes, ranges, backgrounds, normal rotation, errors."""
+"""Example transform + collate (the batch contract): shapes, ranges, backgrounds, normal rotation, errors."""
 
 from __future__ import annotations
 
