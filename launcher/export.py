@@ -7,6 +7,9 @@ import argparse
 import sys
 
 from engine.config import ConfigError
+from engine.ema import EMAFileError
+from modeling.components import ModelFolderError
+from modeling.unet_loading import WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_run(args.run_dir, args.out, tag=args.tag, use_ema=not args.no_ema)
-    except ConfigError as err:
+    except (ConfigError, ModelFolderError, WeightsError, EMAFileError) as err:  # the message names the file
         print(f"export error: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.run_dir} -> {out}")

@@ -3,7 +3,9 @@
     python launcher/generate.py --model runs/export --image cat.png --out out/cat
     python launcher/generate.py --model runs/export --image cat.png --out out/cat2 --steps 30 --scheduler dpm
 
-The model folder is the diffusers layout (unet/ vae/ image_encoder/ scheduler/ feature_extractor/).
+The model folder is the diffusers layout (unet/ vae/ image_encoder/ scheduler/ feature_extractor/), local or
+a hub id in the Hugging Face cache. Its UNet loads strictly (Wonder3D's legacy weight names are mapped): a
+missing or unexpected weight stops with one line naming the folder and the keys (exit 2).
 The input (RGBA; no alpha = fully opaque) is cropped to its alpha box, scaled and centred on white.
 Writes normal_{view}.png and color_{view}.png for every view, input.png (the condition image as the model
 saw it) and grid.png (normals on top, colors below, the input first), and prints a JSON summary.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from PIL import Image
 
 from datapipes.cameras import camera_embedding, reference_rig
 from datapipes.sample import COND_VIEW, VIEW_NAMES
+from modeling.components import ModelFolderError
 from modeling.pipeline import SCHEDULERS, MVDiffusionPipeline, view_grid
 from modeling.preprocess import load_rgba, preprocess_image
 
@@ -34,7 +38,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="exported model folder (diffusers layout)")
+    parser.add_argument(
+        "--model", required=True, help="exported model folder (diffusers layout) or a hub id (org/name)"
+    )
     parser.add_argument("--image", required=True, type=Path, help="input image (RGBA PNG/WebP; RGB = opaque)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
@@ -102,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     views = parse_views(args.views)
     start = time.perf_counter()
-    pipe = MVDiffusionPipeline.from_pretrained(args.model, scheduler=args.scheduler)
+    try:
+        pipe = MVDiffusionPipeline.from_pretrained(args.model, scheduler=args.scheduler)
+    except ModelFolderError as error:  # a bad folder is the user's to fix: one line, no traceback
+        print(f"--model: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     pipe.to(args.device, DTYPES[args.dtype])
     resolution = args.resolution or model_resolution(pipe)
     object_size = args.object_size or round(resolution * 0.75)

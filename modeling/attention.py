@@ -15,8 +15,11 @@ with keys/values, so one attention call covers a whole group:
 
 * multi-view: ``(b·V, n, c) -> (b, V·n, c)`` (every view's queries see all V·n tokens of its object);
 * sparse multi-view: each view sees the first view's tokens plus its own (``2n`` keys per view);
-* row-wise multi-view (Era3D-style, for large latents): ``(b·V, h·w, c) -> (b·h, V·w, c)``, each image
-  row attends to the same row of all V views (square token grids only);
+* row-wise multi-view (Era3D's efficient attention, for large latents): ``(b·V, h·w, c) -> (b·h, V·w, c)``,
+  each image row attends to the same row of all V views (for the reference rig's orthographic cameras at
+  one elevation, a pixel's epipolar line in every other view is that same row). Scores are ``(V·w)²`` per
+  row instead of ``(V·h·w)²`` per object. A level's grid ``(h, w)`` comes from the UNet's input latent size
+  (:func:`token_grid`), so non-square latents work;
 * cross-domain: row ``i`` of the first batch half and row ``i`` of the second half form one group of
   ``2n`` tokens (layout in ``modeling/layout.py``).
 """
@@ -123,27 +126,45 @@ def sparse_view_context(x: Tensor, num_views: int) -> Tensor:
     return torch.cat([first.reshape(rows, n, c), x], dim=1)
 
 
-def _side(tokens: int) -> int:
-    side = round(tokens**0.5)
-    if side * side != tokens:
-        raise ValueError(f"row-wise multi-view attention needs a square token grid, got {tokens} tokens")
-    return side
+def token_grid(tokens: int, latent_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The ``(h, w)`` feature-map grid of a UNet level holding ``tokens`` pixels per image.
+
+    ``latent_size`` is the UNet input's ``(h, w)``; each level halves it, rounding up (diffusers' stride-2,
+    padding-1 downsamplers; the up path matches the skip sizes). Without it, only a square grid can be
+    inferred. Raises ``ValueError`` when no level of ``latent_size`` (or no square) holds ``tokens`` pixels.
+    """
+    if latent_size is None:
+        side = round(tokens**0.5)
+        if side * side != tokens:
+            raise ValueError(
+                f"row-wise multi-view attention cannot tell the grid of {tokens} tokens (not a square): "
+                "call it through MVUNet, which passes the latent size, or pass latent_size=(h, w)"
+            )
+        return side, side
+    h, w = latent_size
+    while h * w > tokens and (h, w) != (1, 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(
+            f"row-wise multi-view attention: {tokens} tokens per image is no UNet level of a "
+            f"{latent_size[0]}x{latent_size[1]} latent"
+        )
+    return h, w
 
 
-def group_view_rows(x: Tensor, num_views: int) -> Tensor:
+def group_view_rows(x: Tensor, num_views: int, height: int) -> Tensor:
     """``(b·V, h·w, c) -> (b·h, V·w, c)``: row r of every view of an object becomes one sequence (copy)."""
     rows, n, c = x.shape
-    side = _side(n)
-    x = x.reshape(rows // num_views, num_views, side, side, c).transpose(1, 2)  # (b, h, V, w, c)
-    return x.reshape(-1, num_views * side, c)
+    x = x.reshape(rows // num_views, num_views, height, n // height, c).transpose(1, 2)  # (b, h, V, w, c)
+    return x.reshape(-1, num_views * (n // height), c)
 
 
-def ungroup_view_rows(x: Tensor, num_views: int) -> Tensor:
+def ungroup_view_rows(x: Tensor, num_views: int, height: int) -> Tensor:
     """Inverse of :func:`group_view_rows`: ``(b·h, V·w, c) -> (b·V, h·w, c)``."""
     bh, vw, c = x.shape
-    side = vw // num_views
-    x = x.reshape(bh // side, side, num_views, side, c).transpose(1, 2)  # (b, V, h, w, c)
-    return x.reshape(-1, side * side, c)
+    width = vw // num_views
+    x = x.reshape(bh // height, height, num_views, width, c).transpose(1, 2)  # (b, V, h, w, c)
+    return x.reshape(-1, height * width, c)
 
 
 def group_domains(x: Tensor) -> Tensor:
@@ -173,17 +194,24 @@ class AttnProcessor:
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
+        latent_size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """``hidden_states (N, n, C)`` -> ``(N, n, C)``; masks are not supported (the model never uses them)."""
+        """``hidden_states (N, n, C)`` -> ``(N, n, C)``; masks are not supported (the model never uses them).
+
+        ``latent_size``: the UNet input latent's ``(h, w)``, from which row-wise grouping finds this level's
+        grid (MVUNet passes it); the other groupings ignore it.
+        """
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__} does not support attention masks")
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        out = self.grouped_attention(attn, q, k, v)
+        out = self.grouped_attention(attn, q, k, v, latent_size)
         out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
         return out / attn.rescale_output_factor
 
-    def grouped_attention(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def grouped_attention(
+        self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, latent_size: tuple[int, int] | None = None
+    ) -> Tensor:
         """Attention of ``q (N, n, C)`` over ``k, v (N, m, C)``; subclasses regroup rows first."""
         return self.heads_attention(attn, q, k, v)
 
@@ -208,15 +236,18 @@ class MultiViewAttnProcessor(AttnProcessor):
         self.sparse = sparse
         self.rowwise = rowwise
 
-    def grouped_attention(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def grouped_attention(
+        self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, latent_size: tuple[int, int] | None = None
+    ) -> Tensor:
         """``(b·V, n, C)`` tensors; queries of each view attend to their object's (selected) view tokens."""
         if self.sparse:
             # 2n keys per view: the first view's tokens are shared, so they are copied once per view (2x, not Vx)
             k, v = sparse_view_context(k, self.num_views), sparse_view_context(v, self.num_views)
             return self.heads_attention(attn, q, k, v)
         if self.rowwise:
-            q, k, v = (group_view_rows(t, self.num_views) for t in (q, k, v))  # (b·h, V·w, C)
-            return ungroup_view_rows(self.heads_attention(attn, q, k, v), self.num_views)
+            height, _ = token_grid(q.shape[1], latent_size)
+            q, k, v = (group_view_rows(t, self.num_views, height) for t in (q, k, v))  # (b·h, V·w, C)
+            return ungroup_view_rows(self.heads_attention(attn, q, k, v), self.num_views, height)
         q, k, v = (group_views(t, self.num_views) for t in (q, k, v))  # (b, V·n, C)
         return ungroup_views(self.heads_attention(attn, q, k, v), self.num_views)
 
@@ -224,7 +255,9 @@ class MultiViewAttnProcessor(AttnProcessor):
 class CrossDomainAttnProcessor(AttnProcessor):
     """Joint attention between the normal and color tokens of the same (object, view)."""
 
-    def grouped_attention(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def grouped_attention(
+        self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, latent_size: tuple[int, int] | None = None
+    ) -> Tensor:
         """``(2·M, n, C)`` tensors in the (domain, object, view) layout -> ``(2·M, n, C)``."""
         q, k, v = (group_domains(t) for t in (q, k, v))  # (M, 2n, C)
         return ungroup_domains(self.heads_attention(attn, q, k, v))

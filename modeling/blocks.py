@@ -29,6 +29,12 @@ class MultiViewOptions:
     cd_attention_mid: bool = False
     cd_attention_last: bool = False
 
+    def __post_init__(self) -> None:
+        if self.rowwise_mv_attention and self.sparse_mv_attention:
+            raise ValueError("rowwise_mv_attention and sparse_mv_attention cannot both be set; choose one")
+        if self.rowwise_mv_attention and not self.multiview_attention:
+            raise ValueError("rowwise_mv_attention needs multiview_attention=True")
+
 
 def zero_init_output(attn: Attention) -> None:
     """Zero the output projection (weight and bias) so a new attention layer adds nothing at step 0."""
@@ -89,7 +95,7 @@ class MVTransformerBlock(nn.Module):
         opts = self.options
         if opts.multiview_attention:
             self_proc: AttnProcessor = MultiViewAttnProcessor(
-                opts.num_views, opts.sparse_mv_attention, backend
+                opts.num_views, opts.sparse_mv_attention, backend, rowwise=opts.rowwise_mv_attention
             )
         else:
             self_proc = AttnProcessor(backend)
@@ -118,13 +124,18 @@ class MVTransformerBlock(nn.Module):
         cross_attention_kwargs: dict[str, Any] | None = None,
         class_labels: Tensor | None = None,
     ) -> Tensor:
-        """``hidden_states (N, n, C)`` in the C5 layout, ``encoder_hidden_states (N, m, C_ctx)`` -> ``(N, n, C)``.
+        """``hidden_states (N, n, C)`` in the batch layout, ``encoder_hidden_states (N, m, C_ctx)`` -> ``(N, n, C)``.
 
         The signature is diffusers' (positional order matters: Transformer2DModel's gradient checkpointing
         passes the arguments positionally); ``timestep``/``class_labels`` are unused by layer-norm blocks.
+        ``cross_attention_kwargs["latent_size"]`` (set by MVUNet) tells row-wise attention the grid.
         """
         x = hidden_states
-        x = self.attn1(self.norm1(x), attention_mask=attention_mask) + x
+        # only the row-wise processor takes latent_size (diffusers warns about kwargs a processor lacks)
+        grid: dict[str, Any] = {}
+        if self.options.rowwise_mv_attention:
+            grid["latent_size"] = (cross_attention_kwargs or {}).get("latent_size")
+        x = self.attn1(self.norm1(x), attention_mask=attention_mask, **grid) + x
         if self.options.cd_attention_mid:
             x = self.attn_joint_mid(self.norm_joint_mid(x)) + x
         x = self.attn2(self.norm2(x), encoder_hidden_states, attention_mask=encoder_attention_mask) + x

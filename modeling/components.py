@@ -1,10 +1,11 @@
 """The frozen parts around the trainable UNet: VAE, CLIP image encoder, noise scheduler, feature extractor.
 
-Contract C6. Two ways to get them, both local (no hub access):
+Two ways to get them:
 - `tiny_components(...)`: random-init tiny models built from config, for tests and smoke runs;
 - `load_components(folder)`: a diffusers-layout folder in the sd-image-variations layout
   (`vae/ image_encoder/ scheduler/ feature_extractor/`), or an exported gnn3d model folder (which adds
-  `unet/` and `model_index.json`; `load_model_folder` returns the UNet too).
+  `unet/` and `model_index.json`; `load_model_folder` returns the UNet too). A hub id ("org/name") is
+  resolved to its folder in the Hugging Face cache first (`modeling/hub.py`).
 
 The feature extractor is transformers' `CLIPImageProcessorPil`: the plain `CLIPImageProcessor` of
 transformers 5.x wants torchvision (not available here) and warns on every construction.
@@ -15,14 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-if TYPE_CHECKING:  # the UNet module is owned by another helper; import it only where it is used
-    from modeling.unet_mv import MVUNet
+from modeling.hub import resolve_model_folder
+from modeling.unet_loading import WeightsError
+from modeling.unet_mv import MVUNet
 
 # Subfolder names of the diffusers layout (sd-image-variations and our exported model folders).
 VAE_DIR, IMAGE_ENCODER_DIR, SCHEDULER_DIR, FEATURE_EXTRACTOR_DIR, UNET_DIR = (
@@ -168,6 +169,17 @@ def save_components(components: Components, folder: str | Path) -> None:
         components.feature_extractor.save_pretrained(folder / FEATURE_EXTRACTOR_DIR)
 
 
+def _model_folder(name: str | Path) -> Path:
+    """A local folder, or a hub id resolved through the hub cache; ModelFolderError if neither."""
+    try:
+        folder = resolve_model_folder(name)
+    except FileNotFoundError as error:
+        raise ModelFolderError(f"model folder {error}") from error
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} is not a folder")
+    return folder
+
+
 def _require_subfolder(folder: Path, name: str) -> Path:
     path = folder / name
     if not path.is_dir():
@@ -179,18 +191,16 @@ def _require_subfolder(folder: Path, name: str) -> Path:
 
 
 def load_components(folder: str | Path, require_feature_extractor: bool = True) -> Components:
-    """Load VAE, CLIP image encoder, DDPM scheduler and feature extractor from a local diffusers folder.
+    """Load VAE, CLIP image encoder, DDPM scheduler and feature extractor from a diffusers folder or hub id.
 
     The scheduler subfolder may hold any diffusers scheduler config (sd-image-variations ships a PNDM one);
     it is read as a DDPMScheduler, the training scheduler. Returns frozen components on the CPU.
 
     Raises:
-        ModelFolderError: the folder or one of its subfolders is missing (the message names it), or a part
-            fails to load.
+        ModelFolderError: the folder (or hub id) or one of its subfolders is missing (the message names it),
+            or a part fails to load.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(f"model folder {folder} does not exist")
+    folder = _model_folder(folder)
     parts = {name: _require_subfolder(folder, name) for name in (VAE_DIR, IMAGE_ENCODER_DIR, SCHEDULER_DIR)}
     fe_path = folder / FEATURE_EXTRACTOR_DIR
     if require_feature_extractor:
@@ -225,14 +235,16 @@ def save_model_folder(components: Components, unet: MVUNet, folder: str | Path) 
 
 
 def load_model_folder(folder: str | Path) -> tuple[Components, MVUNet]:
-    """Load an exported gnn3d model folder (`unet/` + the components). Returns (components, unet in eval)."""
-    from modeling.unet_mv import MVUNet  # local: keeps this module importable while unet_mv is optional
+    """Load a gnn3d model folder or hub id (`unet/` + the components). Returns (components, unet in eval).
 
-    folder = Path(folder)
+    The UNet goes through the one strict loader (`MVUNet.from_pretrained`): a Wonder3D `unet/` with legacy
+    weight names loads; a missing or unexpected weight is a ModelFolderError naming the folder and keys.
+    """
+    folder = _model_folder(folder)
     components = load_components(folder)
     unet_path = _require_subfolder(folder, UNET_DIR)
     try:
-        unet = MVUNet.from_pretrained(unet_path, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as error:
+        unet = MVUNet.from_pretrained(unet_path)
+    except (OSError, ValueError, WeightsError) as error:
         raise ModelFolderError(f"model folder {folder}: failed to load '{UNET_DIR}/': {error}") from error
-    return components, unet.eval()
+    return components, unet

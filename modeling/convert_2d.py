@@ -1,4 +1,4 @@
-"""Initialise an MVUNet from a 2D diffusers UNet (the sd-image-variations layout), and shared weight I/O.
+"""Initialise an MVUNet from a 2D diffusers UNet (the sd-image-variations layout).
 
 What happens (Wonder3D's stage-1 init): every 2D weight is copied; ``conv_in`` is widened from 4 to
 ``in_channels`` (8) input channels, the extra ones zeroed by default so the condition latent starts with
@@ -8,67 +8,16 @@ and listed in the returned :class:`LoadReport`.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
+from modeling.unet_loading import LoadReport, WeightsError, read_config, read_weights, unet_folder
 from modeling.unet_mv import MVUNet
 
-SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
-BIN_NAME = "diffusion_pytorch_model.bin"
-
-
-class WeightsError(RuntimeError):
-    """A UNet folder or its weights cannot be used; the message names the file and key."""
-
-
-@dataclass
-class LoadReport:
-    """What a load did: keys the model had no weight for, weights the model had no key for, and notes."""
-
-    source: str
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """A human-readable multi-line report (also what the loaders print)."""
-        lines = [f"loaded UNet weights from {self.source}"]
-        lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  missing keys ({len(self.missing)}): {self.missing}")
-        lines.append(f"  unexpected keys ({len(self.unexpected)}): {self.unexpected}")
-        return "\n".join(lines)
-
-
-def unet_folder(folder: str | Path) -> Path:
-    """The UNet folder itself, or ``folder/unet`` for a whole pipeline folder."""
-    folder = Path(folder)
-    if (folder / "unet" / "config.json").is_file():
-        return folder / "unet"
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"{folder} has neither config.json nor unet/config.json")
-    return folder
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The JSON config of a UNet folder."""
-    with open(folder / "config.json") as f:
-        return json.load(f)
-
-
-def read_weights(folder: Path) -> dict[str, Tensor]:
-    """Load ``diffusion_pytorch_model.safetensors`` (or ``.bin`` with ``weights_only=True``) from a folder."""
-    if (folder / SAFETENSORS_NAME).is_file():
-        return load_file(folder / SAFETENSORS_NAME)
-    if (folder / BIN_NAME).is_file():
-        # weights_only: never unpickle arbitrary objects from a downloaded checkpoint
-        return torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
-    raise WeightsError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {folder}")
+NEW_IN_MV = "class_embedding."  # the camera embedding; cross-domain layers ("_joint_") are new as well
 
 
 def widen_conv_in(model_weight: Tensor, weight_2d: Tensor, zero_extra: bool) -> Tensor:
@@ -129,6 +78,11 @@ def load_from_2d_unet(
         )
     result = model.load_state_dict(weights, strict=False)
     report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    not_new = [k for k in report.missing if not k.startswith(NEW_IN_MV) and "_joint_" not in k]
+    if not_new or report.unexpected:
+        raise WeightsError(
+            f"{folder} is not a 2D UNet of this config: missing {not_new[:6]}, unexpected {report.unexpected[:6]}"
+        )
     if zero_init_class_embedding and model.class_embedding is not None:
         torch.nn.init.zeros_(model.class_embedding.linear_2.weight)
         torch.nn.init.zeros_(model.class_embedding.linear_2.bias)

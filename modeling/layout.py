@@ -1,4 +1,4 @@
-"""The model batch layout (contract C5): the one place that defines how images are ordered for the UNet.
+"""The model batch layout: the one place that defines how images are ordered for the UNet.
 
 The UNet sees ``N = 2·B·V`` images ordered (domain, object, view) and flattened:
 

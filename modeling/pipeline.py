@@ -1,6 +1,6 @@
 """Inference: one condition image -> V normal maps and V color images (Wonder3D's image pipeline semantics).
 
-Per object the UNet denoises 2·V latents in the C5 layout (`modeling/layout.py`): normal rows, then color
+Per object the UNet denoises 2·V latents in the batch layout (`modeling/layout.py`): normal rows, then color
 rows. Its inputs per row are
 - the noisy latent (4 ch) concatenated with the VAE latent of the condition image (mode × scaling factor,
   4 ch) -> 8 channels;
@@ -83,8 +83,8 @@ def per_view(x: Tensor, num_views: int) -> Tensor:
 def guide(noise_pred: Tensor, num_objects: int, num_views: int, guidance_scale: float) -> Tensor:
     """Combine the two CFG branches: uncond + scale · (cond − uncond), per domain.
 
-    noise_pred: [2·(2B)·V, ...] in the C5 layout with 2B objects (uncond objects first).
-    Returns [2·B·V, ...] in the C5 layout with B objects.
+    noise_pred: [2·(2B)·V, ...] in the batch layout with 2B objects (uncond objects first).
+    Returns [2·B·V, ...] in the batch layout with B objects.
     """
     normal, color = split_domains(noise_pred, 2 * num_objects, num_views)
     guided = [
@@ -105,7 +105,10 @@ class MVDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, scheduler: str = "ddim") -> MVDiffusionPipeline:
-        """Load an exported gnn3d model folder (`unet/ vae/ image_encoder/ scheduler/ feature_extractor/`)."""
+        """Load a gnn3d model folder (`unet/ vae/ image_encoder/ scheduler/ feature_extractor/`) or hub id.
+
+        The UNet loads strictly (`MVUNet.from_pretrained`); problems raise `ModelFolderError`.
+        """
         components, unet = load_model_folder(folder)
         return cls(unet, components, scheduler)
 
@@ -152,7 +155,7 @@ class MVDiffusionPipeline:
     def _conditioning(
         self, clip_embeds: Tensor, cond_latent: Tensor, camera: Tensor, cfg: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row UNet conditioning in the C5 layout: (context [N,1,C], cond latent [N,4,h,w], labels [N,10]).
+        """Per-row UNet conditioning in the batch layout: (context [N,1,C], cond latent [N,4,h,w], labels [N,10]).
 
         clip_embeds [B,1,C], cond_latent [B,4,h,w], camera [B,2,V,10]. N = 2·B·V, or 4·B·V with CFG
         (the zeroed unconditional objects first).
@@ -216,7 +219,7 @@ class MVDiffusionPipeline:
     ) -> Tensor:
         """One UNet evaluation, both CFG branches in one batch when scale != 1.
 
-        latents [2·B·V, 4, h, w] (C5 layout); cond from `_conditioning`. Returns noise [2·B·V, 4, h, w].
+        latents [2·B·V, 4, h, w] (batch layout); cond from `_conditioning`. Returns noise [2·B·V, 4, h, w].
         """
         context, cond_latent, labels = cond
         batch = latents.shape[0] // (2 * views)
@@ -259,7 +262,7 @@ class MVDiffusionPipeline:
             scheduler: "ddim" (default of the pipeline), "dpm" or "euler"; overrides the pipeline's.
             eta: DDIM eta (0 = deterministic DDIM).
             progress: show a tqdm bar over the steps.
-            latents: optional initial noise [2·B·V, 4, H/8, W/8] in the C5 layout (instead of drawing it).
+            latents: optional initial noise [2·B·V, 4, H/8, W/8] in the batch layout (instead of drawing it).
         Returns:
             MVDiffusionOutput with normals and colors [B, V, 3, H, W] in [0, 1] on the CPU.
         """
@@ -280,7 +283,7 @@ class MVDiffusionPipeline:
                 latents = self._initial_noise(shape, generator)
             elif tuple(latents.shape) != shape:
                 raise PipelineError(
-                    f"latents must have shape {shape} (C5 layout), got {tuple(latents.shape)}"
+                    f"latents must have shape {shape} (batch layout), got {tuple(latents.shape)}"
                 )
             latents = latents.to(self.device, torch.float32) * sampler.init_noise_sigma
             step_kwargs = _step_kwargs(sampler, generator, eta)

@@ -2,7 +2,7 @@
 
 A diffusers ``UNet2DConditionModel`` whose transformer blocks are replaced by :class:`MVTransformerBlock`
 (multi-view self-attention, optional cross-domain attention), with Wonder3D's extra config keys registered.
-Inputs follow the C5 layout in ``modeling/layout.py``::
+Inputs follow the batch layout in ``modeling/layout.py``::
 
     unet = MVUNet.from_config(tiny_unet_config(num_views=6))
     out = unet(sample, timestep, encoder_hidden_states, class_labels).sample
@@ -10,9 +10,9 @@ Inputs follow the C5 layout in ``modeling/layout.py``::
     # encoder_hidden_states [N, 1, C] (CLIP image embedding); class_labels [N, 10] (camera + domain)
     # N = 2·B·V with cross-domain attention on, B·V otherwise; out [N, 4, h, w]
 
-Loading: ``modeling.convert_2d.load_from_2d_unet`` (a 2D UNet, e.g. sd-image-variations),
-``modeling.wonder3d_keys.load_unet`` (our folders with config overrides, e.g. stage 2 adding
-``cd_attention_mid``; Wonder3D checkpoints), ``MVUNet.from_pretrained`` (our complete folders).
+Loading: ``modeling.convert_2d.load_from_2d_unet`` (a 2D UNet, e.g. sd-image-variations);
+``MVUNet.from_pretrained`` (our folders and Wonder3D checkpoints, with config overrides, e.g. stage 2 adding
+``cd_attention_mid``), strict, through the one loader in ``modeling/unet_loading.py``.
 Attention modes: dense multi-view (default), ``sparse_mv_attention`` (first view + own view),
 ``rowwise_mv_attention`` (Era3D-style rows across views); backends in ``modeling/attention.py``.
 """
@@ -20,6 +20,7 @@ Attention modes: dense multi-view (default), ``sparse_mv_attention`` (first view
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -31,15 +32,8 @@ from torch import Tensor
 from modeling.attention import check_backend
 from modeling.blocks import MultiViewOptions, MVTransformerBlock
 from modeling.layout import check_batch_size
-
-# Wonder3D block type names -> the diffusers blocks we build (our transformer blocks are swapped in later).
-BLOCK_TYPE_MAP = {
-    "CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
-    "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
-    "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D",
-}
-# Legacy Wonder3D config keys -> current names.
-LEGACY_CONFIG_KEYS = {"joint_attention": "cd_attention_last", "joint_attention_twice": "cd_attention_mid"}
+from modeling.unet_loading import load_unet_folder
+from modeling.wonder3d_keys import normalize_config
 
 # Our own keys, with defaults; the rest of the config is UNet2DConditionModel's.
 MV_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -61,30 +55,6 @@ WONDER3D_DEFAULTS: dict[str, Any] = {
     "class_embed_type": "projection",
     "projection_class_embeddings_input_dim": 10,
 }
-
-
-class MVUNetConfigError(ValueError):
-    """A UNet config cannot be mapped onto MVUNet; the message names the key."""
-
-
-def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Map a Wonder3D / legacy config onto ours: legacy flag names and MV block type names.
-
-    Raises :class:`MVUNetConfigError` if a legacy key and its new name are both present with different values.
-    """
-    cfg = dict(config)
-    for old, new in LEGACY_CONFIG_KEYS.items():
-        if old in cfg:
-            value = cfg.pop(old)
-            if new in cfg and bool(cfg[new]) != bool(value):
-                raise MVUNetConfigError(f"config sets legacy {old}={value} and {new}={cfg[new]}; keep one")
-            cfg.setdefault(new, value)
-    for key in ("down_block_types", "up_block_types"):
-        if key in cfg:
-            cfg[key] = [BLOCK_TYPE_MAP.get(name, name) for name in cfg[key]]
-    if cfg.get("mid_block_type") is not None:
-        cfg["mid_block_type"] = BLOCK_TYPE_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
-    return cfg
 
 
 def _init_signature() -> inspect.Signature:
@@ -125,6 +95,7 @@ class MVUNet(UNet2DConditionModel):
         )
         self._num_views = options.num_views
         self._cross_domain = options.cd_attention_mid or options.cd_attention_last
+        self._rowwise = options.rowwise_mv_attention
         self._swap_transformer_blocks(options, mv["attention_backend"])
 
     def _swap_transformer_blocks(self, options: MultiViewOptions, backend: str) -> None:
@@ -141,6 +112,24 @@ class MVUNet(UNet2DConditionModel):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config`` after mapping Wonder3D / legacy keys (see :func:`normalize_config`)."""
         return super().from_config(normalize_config(dict(config or {})), return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **config_overrides: Any,
+    ) -> MVUNet:
+        """Load a UNet folder (ours, Wonder3D's with legacy names, a pipeline folder's ``unet/``, or a hub id)
+        through the one strict loader, :func:`modeling.unet_loading.load_unet_folder`; in eval mode.
+
+        Replaces diffusers' ``from_pretrained``, which would leave unmatched (e.g. legacy-named) layers
+        uninitialised. ``config_overrides`` change config keys, e.g. ``attention_backend="sdpa"``; any missing
+        or unexpected weight raises ``WeightsError``, except cross-domain layers the overrides switch on.
+        """
+        model, _ = load_unet_folder(cls, pretrained_model_name_or_path, config_overrides, subfolder=subfolder)
+        return model.to(dtype=torch_dtype).eval() if torch_dtype is not None else model.eval()
 
     def set_attention(self, backend: str) -> None:
         """Switch every attention layer to ``backend`` (``auto|xformers|sdpa|math``); raises if unavailable."""
@@ -162,12 +151,15 @@ class MVUNet(UNet2DConditionModel):
         class_labels: Tensor | None = None,
         **kwargs: Any,
     ) -> UNet2DConditionOutput | tuple:
-        """Denoise ``sample [N, in_channels, h, w]``; N must follow the C5 layout (checked here).
+        """Denoise ``sample [N, in_channels, h, w]``; N must follow the batch layout (checked here).
 
         ``timestep [N]``, ``encoder_hidden_states [N, 1, cross_attention_dim]``,
         ``class_labels [N, projection_class_embeddings_input_dim]`` -> ``.sample [N, out_channels, h, w]``.
         """
         check_batch_size(sample.shape[0], self._num_views, self._cross_domain)
+        if self._rowwise:  # row-wise attention finds each level's (h, w) grid from the input's
+            attn_kwargs = kwargs.get("cross_attention_kwargs") or {}
+            kwargs["cross_attention_kwargs"] = {**attn_kwargs, "latent_size": tuple(sample.shape[-2:])}
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=class_labels, **kwargs)
 
 
@@ -181,6 +173,7 @@ def tiny_unet_config(
     cd_attention_mid: bool = True,
     cd_attention_last: bool = False,
     sparse_mv_attention: bool = False,
+    rowwise_mv_attention: bool = False,
     attention_backend: str = "auto",
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -205,6 +198,7 @@ def tiny_unet_config(
         "num_views": num_views,
         "multiview_attention": True,
         "sparse_mv_attention": sparse_mv_attention,
+        "rowwise_mv_attention": rowwise_mv_attention,
         "cd_attention_mid": cd_attention_mid,
         "cd_attention_last": cd_attention_last,
         "attention_backend": attention_backend,

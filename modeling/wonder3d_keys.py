@@ -1,24 +1,24 @@
-"""Load a UNet folder — ours (``save_pretrained``) or Wonder3D's (legacy names included) — into MVUNet.
+"""Wonder3D's names -> ours: config keys, block type names and legacy cross-domain weight names.
 
-Wonder3D's config keys and block type names are mapped by ``modeling.unet_mv.normalize_config``; its
-weights use the same module names as ours except the legacy cross-domain names renamed here.
-
-Config overrides may switch on layers the checkpoint does not have (stage 2: ``cd_attention_mid=True`` on a
-stage-1 UNet). Their keys are reported as missing and keep their zero init; any *other* missing or
-unexpected key is an error in strict mode. (diffusers' ``from_pretrained`` is not used for this: it builds
-the model with weight init disabled, so such new layers would hold uninitialised memory.)
+Pure mapping (no models): ``modeling.unet_mv`` applies :func:`normalize_config` to every config it builds
+from, and ``modeling.unet_loading`` (the one UNet folder loader) applies :func:`rename_legacy_keys` to every
+state dict it loads.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from modeling.convert_2d import LoadReport, WeightsError, read_config, read_weights, unet_folder
-from modeling.unet_mv import MVUNet, normalize_config
-
+# Wonder3D block type names -> the diffusers blocks we build (our transformer blocks are swapped in later).
+BLOCK_TYPE_MAP = {
+    "CrossAttnDownBlockMV2D": "CrossAttnDownBlock2D",
+    "UNetMidBlockMV2DCrossAttn": "UNetMidBlock2DCrossAttn",
+    "CrossAttnUpBlockMV2D": "CrossAttnUpBlock2D",
+}
+# Legacy Wonder3D config keys -> current names.
+LEGACY_CONFIG_KEYS = {"joint_attention": "cd_attention_last", "joint_attention_twice": "cd_attention_mid"}
 # Old checkpoint names -> current ones. The "_twice" names are matched first; all prefixes carry the
 # trailing dot so "attn_joint." never matches inside "attn_joint_twice.".
 LEGACY_KEY_RENAMES: tuple[tuple[str, str], ...] = (
@@ -27,8 +27,33 @@ LEGACY_KEY_RENAMES: tuple[tuple[str, str], ...] = (
     ("attn_joint.", "attn_joint_last."),
     ("norm_joint.", "norm_joint_last."),
 )
-_NEW_LAYER_PREFIXES = {"cd_attention_mid": ("attn_joint_mid.", "norm_joint_mid."),
+# The config flag that switches on each cross-domain layer, and the weight-name fragments of that layer.
+CROSS_DOMAIN_LAYERS = {"cd_attention_mid": ("attn_joint_mid.", "norm_joint_mid."),
                        "cd_attention_last": ("attn_joint_last.", "norm_joint_last.")}  # fmt: skip
+
+
+class MVUNetConfigError(ValueError):
+    """A UNet config cannot be mapped onto MVUNet; the message names the key."""
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Map a Wonder3D / legacy config onto ours: legacy flag names and MV block type names.
+
+    Raises :class:`MVUNetConfigError` if a legacy key and its new name are both present with different values.
+    """
+    cfg = dict(config)
+    for old, new in LEGACY_CONFIG_KEYS.items():
+        if old in cfg:
+            value = cfg.pop(old)
+            if new in cfg and bool(cfg[new]) != bool(value):
+                raise MVUNetConfigError(f"config sets legacy {old}={value} and {new}={cfg[new]}; keep one")
+            cfg.setdefault(new, value)
+    for key in ("down_block_types", "up_block_types"):
+        if key in cfg:
+            cfg[key] = [BLOCK_TYPE_MAP.get(name, name) for name in cfg[key]]
+    if cfg.get("mid_block_type") is not None:
+        cfg["mid_block_type"] = BLOCK_TYPE_MAP.get(cfg["mid_block_type"], cfg["mid_block_type"])
+    return cfg
 
 
 def rename_legacy_key(key: str) -> str:
@@ -40,73 +65,24 @@ def rename_legacy_key(key: str) -> str:
 
 
 def rename_legacy_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename legacy cross-domain keys; raise :class:`WeightsError` if two keys collide after renaming."""
+    """Rename legacy cross-domain keys; raise ``ValueError`` if two keys collide after renaming."""
     renamed: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         new = rename_legacy_key(key)
         if new in renamed:
-            raise WeightsError(f"checkpoint has both {key!r} and another key that maps to {new!r}")
+            raise ValueError(f"checkpoint has both {key!r} and another key that maps to {new!r}")
         renamed[new] = value
     return renamed
 
 
-def _newly_enabled_prefixes(saved: dict[str, Any], final: dict[str, Any]) -> tuple[str, ...]:
-    """Key fragments of cross-domain layers switched on by the overrides but absent from the checkpoint."""
-    out: tuple[str, ...] = ()
-    for flag, prefixes in _NEW_LAYER_PREFIXES.items():
-        if final.get(flag) and not saved.get(flag):
-            out += prefixes
-    return out
+def newly_enabled_layers(saved: dict[str, Any], final: dict[str, Any]) -> tuple[str, ...]:
+    """Weight-name fragments of cross-domain layers that ``final`` switches on and ``saved`` lacks.
 
-
-def load_unet(
-    folder: str | Path,
-    config_overrides: dict[str, Any] | None = None,
-    strict: bool = True,
-    verbose: bool = True,
-) -> tuple[MVUNet, LoadReport]:
-    """Build an MVUNet from a UNet folder of ours or Wonder3D's (or a pipeline folder with ``unet/``).
-
-    Args:
-        folder: folder with ``config.json`` and ``diffusion_pytorch_model.{safetensors,bin}``.
-        config_overrides: config keys to change, e.g. ``{"cd_attention_mid": True, "attention_backend": "sdpa"}``.
-        strict: raise :class:`WeightsError` on unexpected keys, or missing keys other than those of
-            cross-domain layers newly enabled by ``config_overrides``.
-        verbose: print the load report.
-
-    Returns:
-        ``(unet, report)``.
+    Both configs already normalised. Stage 2 adds ``cd_attention_mid`` to a stage-1 UNet: only these keys
+    may be missing from its weights.
     """
-    folder = unet_folder(folder)
-    saved = normalize_config(read_config(folder))
-    final = {**saved, **(config_overrides or {})}
-    model = MVUNet.from_config(final)
-    raw = read_weights(folder)
-    weights = rename_legacy_keys(raw)
-    report = LoadReport(source=str(folder))
-    legacy = sum(rename_legacy_key(k) != k for k in raw)
-    if legacy:
-        report.notes.append(f"renamed {legacy} legacy cross-domain keys")
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # shape mismatches: the config does not describe these weights
-        raise WeightsError(f"weights in {folder} do not fit its config (+ overrides): {err}") from err
-    report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    new_prefixes = _newly_enabled_prefixes(saved, final)
-    if new_prefixes:
-        report.notes.append(f"new zero-initialised layers (expected missing): {', '.join(new_prefixes)}")
-    if verbose:
-        print(report.summary())
-    bad_missing = [k for k in report.missing if not any(f".{p}" in k for p in new_prefixes)]
-    if strict and (bad_missing or report.unexpected):
-        raise WeightsError(
-            f"{report.summary()}\n  not allowed: missing {bad_missing}, unexpected {report.unexpected}"
-        )
-    return model, report
-
-
-def load_wonder3d_unet(
-    folder: str | Path, attention_backend: str = "auto", strict: bool = True, verbose: bool = True
-) -> tuple[MVUNet, LoadReport]:
-    """A Wonder3D UNet folder (its config.json + weights, legacy names allowed) -> ``(MVUNet, report)``."""
-    return load_unet(folder, {"attention_backend": attention_backend}, strict=strict, verbose=verbose)
+    out: tuple[str, ...] = ()
+    for flag, fragments in CROSS_DOMAIN_LAYERS.items():
+        if final.get(flag) and not saved.get(flag):
+            out += fragments
+    return out

@@ -17,6 +17,7 @@ from PIL import Image
 
 from modeling.components import save_model_folder, tiny_components
 from modeling.unet_mv import MVUNet, tiny_unet_config
+from tests.modeling.wonder3d_checkpoint import reference_unet, write_wonder3d_model_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,3 +107,45 @@ def test_help_and_bad_views(capsys: pytest.CaptureFixture) -> None:
     one_hot_part = camera[:, 0, [3, 4, 8, 9]]
     expected = torch.tensor([[np.sin(1.0), 0.0, np.cos(1.0), 1.0], [0.0, np.sin(1.0), 1.0, np.cos(1.0)]])
     assert torch.allclose(one_hot_part, expected.float())
+
+
+def test_generate_loads_a_wonder3d_unet_with_legacy_names(input_png: Path, tmp_path: Path) -> None:
+    # The images from a Wonder3D unet/ (legacy weight names, .bin) equal those of the same weights loaded by hand.
+    components = tiny_components(resolution=64, seed=0)
+    weights = write_wonder3d_model_folder(tmp_path / "wonder3d", components)
+    save_model_folder(components, reference_unet(weights), tmp_path / "reference")
+    args = [
+        "--image",
+        str(input_png),
+        "--views",
+        "front,right",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    for name in ("wonder3d", "reference"):
+        generate.main(["--model", str(tmp_path / name), "--out", str(tmp_path / f"out_{name}"), *args])
+    for view in ("front", "right"):
+        for domain in ("normal", "color"):
+            got = np.asarray(Image.open(tmp_path / "out_wonder3d" / f"{domain}_{view}.png"))
+            expected = np.asarray(Image.open(tmp_path / "out_reference" / f"{domain}_{view}.png"))
+            assert got.std() > 0 and np.array_equal(got, expected), (domain, view)
+
+
+def test_generate_refuses_a_unet_with_an_unexpected_key(
+    input_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = write_wonder3d_model_folder(tmp_path, tiny_components(resolution=64, seed=0))
+    weights["conv_in.extra"] = torch.zeros(1)
+    torch.save(weights, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(SystemExit) as exit_info:
+        args = ["--model", str(tmp_path), "--image", str(input_png), "--out", str(tmp_path / "out")]
+        generate.main([*args, "--views", "front,right", "--steps", "1", "--device", "cpu"])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err  # earlier lines: the progress bars of saving the fixture
+    message = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and message.startswith("--model: ")
+    assert str(tmp_path) in message and "1 unexpected keys ['conv_in.extra']" in message

@@ -16,7 +16,7 @@ from modeling.attention import (
     resolve_backend,
 )
 
-DIM, HEADS, TOKENS, VIEWS, OBJECTS = 32, 4, 9, 3, 2  # 9 tokens = a 3x3 grid (row-wise needs a square)
+DIM, HEADS, TOKENS, VIEWS, OBJECTS = 32, 4, 9, 3, 2  # 9 tokens = a 3x3 grid (square: no latent size needed)
 
 
 def make_attention(seed: int = 0) -> Attention:
@@ -53,31 +53,52 @@ def sparse_views(i: int) -> list[int]:
     return [i // VIEWS * VIEWS, i]
 
 
-def rowwise_reference(layer: Attention, x: torch.Tensor) -> torch.Tensor:
+def rowwise_reference(layer: Attention, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Loop reference for row-wise attention: row r of each view attends to row r of all its object's views."""
-    side = int(TOKENS**0.5)
     out = torch.empty_like(x)
     for first in range(0, x.shape[0], VIEWS):
-        for r in range(side):
-            cols = slice(r * side, (r + 1) * side)
+        for r in range(height):
+            cols = slice(r * width, (r + 1) * width)
             seq = torch.cat([x[first + v, cols] for v in range(VIEWS)])[None]  # (1, V·w, C)
             q, k, v = (
                 t.reshape(1, t.shape[1], HEADS, -1).transpose(1, 2)
                 for t in (layer.to_q(seq), layer.to_k(seq), layer.to_v(seq))
             )
             o = ((q @ k.transpose(-1, -2) * layer.scale).softmax(-1) @ v).transpose(1, 2).flatten(2)
-            o = layer.to_out[0](o)[0].reshape(VIEWS, side, DIM)
+            o = layer.to_out[0](o)[0].reshape(VIEWS, width, DIM)
             for view in range(VIEWS):
                 out[first + view, cols] = o[view]
     return out
 
 
-def test_rowwise_matches_loop_reference() -> None:
+@pytest.mark.parametrize(("grid", "latent_size"), [((3, 3), None), ((2, 3), (4, 5)), ((3, 2), (3, 2))])
+def test_rowwise_processor_matches_loop_reference(grid: tuple[int, int], latent_size) -> None:
+    """The processor alone (the UNet's real processors are checked in test_unet_mv.py): a square grid is
+    inferred; a non-square one comes from the latent size (4x5 -> level 2x3)."""
     layer = make_attention()
-    x = rows(OBJECTS * VIEWS)
+    torch.manual_seed(1)
+    x = torch.randn(OBJECTS * VIEWS, grid[0] * grid[1], DIM)
     layer.set_processor(MultiViewAttnProcessor(VIEWS, backend="math", rowwise=True))
+    kwargs = {} if latent_size is None else {"latent_size": latent_size}
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), rowwise_reference(layer, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer(x, **kwargs), rowwise_reference(layer, x, *grid), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_token_grid_follows_the_unet_levels_and_refuses_what_it_cannot_tell() -> None:
+    assert att.token_grid(9, None) == (3, 3)
+    assert att.token_grid(5 * 7, (5, 7)) == (5, 7)
+    assert att.token_grid(3 * 4, (5, 7)) == (3, 4)  # stride-2 downsamplers round up: 5x7 -> 3x4 -> 2x2
+    assert att.token_grid(1, (5, 7)) == (1, 1)
+    with pytest.raises(ValueError, match=r"12 tokens .*not a square.*latent_size"):
+        att.token_grid(12, None)
+    with pytest.raises(ValueError, match="10 tokens per image is no UNet level of a 5x7 latent"):
+        att.token_grid(10, (5, 7))
+    layer = make_attention()
+    layer.set_processor(MultiViewAttnProcessor(VIEWS, backend="math", rowwise=True))
+    with pytest.raises(ValueError, match="not a square"):
+        layer(torch.randn(VIEWS, 12, DIM))
 
 
 def cross_domain(i: int, half: int) -> list[int]:
@@ -192,6 +213,10 @@ def test_group_helpers_round_trip_without_copies() -> None:
     assert joined.shape == (OBJECTS * VIEWS, 2 * TOKENS, DIM)
     assert torch.equal(joined[1, :TOKENS], x[1]) and torch.equal(joined[1, TOKENS:], x[1 + OBJECTS * VIEWS])
     assert torch.equal(att.ungroup_domains(joined), x)
+    by_rows = att.group_view_rows(x, VIEWS, height=3)  # 9 tokens = 3 rows of 3
+    assert by_rows.shape == (2 * OBJECTS * 3, VIEWS * 3, DIM)
+    assert torch.equal(by_rows[1, 3:6], x[1, 3:6])  # object 0, row 1: view 1's row 1 follows view 0's
+    assert torch.equal(att.ungroup_view_rows(by_rows, VIEWS, height=3), x)
 
 
 @pytest.mark.slow

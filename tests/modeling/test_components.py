@@ -1,4 +1,4 @@
-"""Contract C6: tiny components are deterministic, load/save round-trips, missing parts are named."""
+"""Frozen components: tiny components are deterministic, load/save round-trips, missing parts are named."""
 
 from __future__ import annotations
 

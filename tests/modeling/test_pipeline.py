@@ -1,4 +1,4 @@
-"""MVDiffusionPipeline: shapes, ranges, seeding, CFG branches in the C5 layout, schedulers."""
+"""MVDiffusionPipeline: shapes, ranges, seeding, CFG branches in the batch layout, schedulers."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from modeling.components import Components, tiny_components
+from modeling.components import Components, ModelFolderError, tiny_components
 from modeling.layout import split_domains, stack_domains
 from modeling.pipeline import MVDiffusionPipeline, PipelineError, guide, make_scheduler, view_grid
 from modeling.unet_mv import MVUNet, tiny_unet_config
+from tests.modeling.wonder3d_checkpoint import reference_unet, write_wonder3d_model_folder
 
 VIEWS = 2
 RES = 64  # tiny VAE: 8x8 latents
@@ -199,3 +200,24 @@ def test_objects_in_a_batch_do_not_interact(pipe, inputs) -> None:
     assert torch.allclose(both.colors[:1], alone.colors, atol=1e-5)
     with pytest.raises(PipelineError, match="latents must have shape"):
         pipe(image, camera, latents=noise[:4], **kwargs)
+
+
+def test_from_pretrained_loads_a_wonder3d_unet_with_legacy_names(
+    components: Components, inputs, tmp_path
+) -> None:
+    weights = write_wonder3d_model_folder(tmp_path, components)
+    loaded = MVDiffusionPipeline.from_pretrained(tmp_path)
+    reference = MVDiffusionPipeline(reference_unet(weights), components)
+    image, camera = inputs
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 2.0, "seed": 3, "progress": False}
+    out, expected = loaded(image, camera, **kwargs), reference(image, camera, **kwargs)
+    assert torch.isfinite(out.normals).all() and torch.isfinite(out.colors).all()
+    assert torch.equal(out.normals, expected.normals) and torch.equal(out.colors, expected.colors)
+
+
+def test_from_pretrained_refuses_a_unet_with_a_missing_key(components: Components, tmp_path) -> None:
+    weights = write_wonder3d_model_folder(tmp_path, components)
+    del weights["conv_in.bias"]
+    torch.save(weights, tmp_path / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFolderError, match=rf"{tmp_path}.*1 missing keys \['conv_in.bias'\]"):
+        MVDiffusionPipeline.from_pretrained(tmp_path)

@@ -1,11 +1,12 @@
-"""MVUNet: shapes, C5 layout checks, multi-view / cross-domain behaviour, backends, checkpointing, compile."""
+"""MVUNet: shapes, batch-layout checks, multi-view / cross-domain behaviour, backends, checkpointing, compile."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling.attention import AttentionBackendError, xformers_available
+from modeling.attention import AttentionBackendError, MultiViewAttnProcessor, xformers_available
 from modeling.blocks import MVTransformerBlock
 from modeling.layout import LayoutError, check_batch_size, split_domains, stack_domains
 from modeling.unet_mv import MVUNet, normalize_config, tiny_unet_config
@@ -18,9 +19,9 @@ def make_unet(seed: int = 0, **overrides) -> MVUNet:
     return MVUNet.from_config(tiny_unet_config(num_views=VIEWS, **overrides))
 
 
-def make_inputs(n: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+def make_inputs(n: int, seed: int = 1, height: int = 8, width: int = 8) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    sample = torch.randn(n, 8, 8, 8, generator=g)
+    sample = torch.randn(n, 8, height, width, generator=g)
     timestep = torch.randint(0, 1000, (n,), generator=g)
     context = torch.randn(n, 1, 32, generator=g)
     camera = torch.randn(n, 10, generator=g)
@@ -119,10 +120,13 @@ def test_unavailable_backend_is_an_error() -> None:
             make_unet().set_attention("xformers")
 
 
-def test_gradient_checkpointing_same_output_and_grads() -> None:
-    unet = make_unet(cd_attention_last=True)
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_gradient_checkpointing_same_output_and_grads(rowwise: bool) -> None:
+    unet = make_unet(cd_attention_last=True, rowwise_mv_attention=rowwise)
     randomize_joint_layers(unet)
-    inputs = make_inputs(2 * VIEWS)
+    inputs = make_inputs(
+        2 * VIEWS, height=8, width=6
+    )  # non-square: the latent size must survive checkpointing
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -138,13 +142,14 @@ def test_gradient_checkpointing_same_output_and_grads() -> None:
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
-def test_compiles_without_graph_breaks() -> None:
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_compiles_without_graph_breaks(rowwise: bool) -> None:
     """fullgraph=True fails on any graph break (attention path included); eager backend keeps this fast.
 
     Inductor compilation of the same model works too but takes ~70 s on 2 CPU cores, too slow for CI.
     """
-    unet = make_unet(cd_attention_last=True, attention_backend="sdpa").eval()
-    inputs = make_inputs(2 * VIEWS)
+    unet = make_unet(cd_attention_last=True, rowwise_mv_attention=rowwise, attention_backend="sdpa").eval()
+    inputs = make_inputs(2 * VIEWS, height=8, width=6)
     torch._dynamo.reset()
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -206,3 +211,120 @@ def test_block_order_matches_wonder3d_reference() -> None:
         )
         ours = block(x, encoder_hidden_states=ctx)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+# --- row-wise multi-view attention (Era3D), through MVUNet.from_config -------------------------------------
+
+
+def attn1_layers(unet: MVUNet) -> list:
+    return [m.attn1 for m in unet.modules() if isinstance(m, MVTransformerBlock)]
+
+
+def rowwise_loop_reference(attn, x: torch.Tensor, views: int, height: int, width: int) -> torch.Tensor:
+    """Row r of view v attends to row r of every view of its object: explicit loops, plain softmax maths."""
+    heads = attn.heads
+    out = torch.empty(x.shape[0], height * width, attn.to_out[0].out_features)
+    for first in range(0, x.shape[0], views):  # one object (of one domain)
+        for r in range(height):
+            cols = slice(r * width, (r + 1) * width)
+            seq = torch.cat([x[first + v, cols] for v in range(views)])[None]  # (1, V·w, C)
+            q, k, v = (
+                t.reshape(1, t.shape[1], heads, -1).transpose(1, 2)
+                for t in (attn.to_q(seq), attn.to_k(seq), attn.to_v(seq))
+            )
+            o = ((q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v).transpose(1, 2).flatten(2)
+            o = attn.to_out[0](o)[0]  # (V·w, C)
+            for view in range(views):
+                out[first + view, cols] = o[view * width : (view + 1) * width]
+    return out
+
+
+def test_rowwise_unet_differs_from_dense_with_the_same_weights() -> None:
+    dense = make_unet(seed=3, cd_attention_mid=False, attention_backend="math").eval()
+    rowwise = make_unet(
+        seed=3, cd_attention_mid=False, rowwise_mv_attention=True, attention_backend="math"
+    ).eval()
+    dense_weights, rowwise_weights = dense.state_dict(), rowwise.state_dict()
+    assert dense_weights.keys() == rowwise_weights.keys()
+    assert all(torch.equal(dense_weights[k], rowwise_weights[k]) for k in dense_weights)  # same parameters
+    inputs = make_inputs(2 * VIEWS)
+    with torch.no_grad():
+        diff = (dense(*inputs).sample - rowwise(*inputs).sample).abs().max().item()
+    assert diff > 1e-2, f"row-wise UNet output equals dense (max |diff| {diff:.2e}): the flag is not wired"
+
+
+@pytest.mark.parametrize(("latent", "level_1"), [((8, 8), (4, 4)), ((8, 4), (4, 2)), ((5, 7), (3, 4))])
+def test_rowwise_attention_in_the_unet_equals_loop_reference(latent: tuple, level_1: tuple) -> None:
+    """Each real attn1 call of a UNet forward (inputs captured by hooks) against the loop reference; the
+    non-square latents need the real grid of every level (5x7 -> 3x4: diffusers' downsampler rounds up)."""
+    unet = make_unet(cd_attention_mid=True, rowwise_mv_attention=True, attention_backend="math").eval()
+    levels = {latent[0] * latent[1]: latent, level_1[0] * level_1[1]: level_1}  # tokens -> (h, w)
+    calls: list[tuple] = []
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out)))
+        for layer in attn1_layers(unet)
+    ]
+    assert all(isinstance(layer.processor, MultiViewAttnProcessor) for layer in attn1_layers(unet))
+    try:
+        with torch.no_grad():
+            unet(*make_inputs(2 * 2 * VIEWS, height=latent[0], width=latent[1]))  # 2 objects, 2 domains
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 4 and {x.shape[1] for _, x, _ in calls} == set(levels)
+    with torch.no_grad():
+        for attn, x, out in calls:
+            h, w = levels[x.shape[1]]
+            ref = rowwise_loop_reference(attn, x, VIEWS, h, w)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+class LargestAttentionTensor(TorchDispatchMode):
+    """Largest tensor (in elements) any op creates while an attn1 layer runs (its peak memory, op by op)."""
+
+    def __init__(self, layers: list) -> None:
+        super().__init__()
+        self.inside, self.largest = 0, 0
+        for layer in layers:
+            layer.register_forward_pre_hook(lambda *_: setattr(self, "inside", self.inside + 1))
+            layer.register_forward_hook(lambda *_: setattr(self, "inside", self.inside - 1))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_attention_tensor(views: int, side: int, rowwise: bool) -> int:
+    torch.manual_seed(0)
+    config = tiny_unet_config(
+        num_views=views, cd_attention_mid=False, rowwise_mv_attention=rowwise, attention_backend="math"
+    )
+    unet = MVUNet.from_config(config).eval()
+    mode = LargestAttentionTensor(attn1_layers(unet))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad(), mode:
+        unet(
+            torch.randn(views, 8, side, side, generator=g),
+            torch.zeros(views),
+            torch.randn(views, 1, 32),
+            torch.randn(views, 10),
+        )
+    return mode.largest
+
+
+def test_rowwise_attention_memory_grows_with_views_times_width() -> None:
+    """Scores per attention call: (h·heads)·(V·w)² for row-wise (one object), not heads·(V·h·w)² as dense.
+
+    The math backend materialises the scores, so the largest tensor in attn1 is the score tensor; at the
+    first level (side², 32 channels, 4 heads) it dominates q/k/v ((V·side², 32)) for these sizes.
+    """
+    heads = 4
+    for views, side in ((2, 16), (2, 32), (4, 16)):
+        largest = largest_attention_tensor(views, side, rowwise=True)
+        assert largest == side * heads * (views * side) ** 2, (views, side, largest)
+    dense = largest_attention_tensor(2, 16, rowwise=False)
+    assert dense == heads * (2 * 16 * 16) ** 2  # the (views × H × W)² that row-wise avoids
