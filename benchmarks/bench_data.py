@@ -1,7 +1,7 @@
 """Data-loading throughput: shard streamer vs folder dataset vs the pure-decode ceiling (samples/s).
 
 All three produce the same examples from the same synthetic objects with the same number of DataLoader
-workers, at two stages: ``example`` = decode + `make_example` + `collate` (the full C3 batch), and
+workers, at two stages: ``example`` = decode + `make_example` + `collate` (the full training batch), and
 ``decode`` = decode to the MultiViewSample only (isolates reading/decoding from the transform's cost):
 - ``streamer``: `build_train_loader` over the converted shards (tar reading, shuffle block, decode);
 - ``folder``:   `build_folder_loader` over the render folders (one file open per image + RT files);
@@ -175,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=3, help="timed runs per loader, in rotation (default: 3)"
     )
     parser.add_argument("--stages", nargs="+", default=["decode", "example"], choices=("decode", "example"),
-                        help="what each loader produces: decoded samples and/or full C3 examples (default: both)")  # fmt: skip
+                        help="what each loader produces: decoded samples and/or full training examples (default: both)")  # fmt: skip
     parser.add_argument("--work-dir", help="where to render and convert (default: a new temp folder)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data.json"),
                         help="JSON result file (default: benchmarks/results/data.json)")  # fmt: skip

@@ -36,12 +36,12 @@ GiB = 1024**3
 
 
 def zero2_model_states_gib(total: int, trainable: int, gpus: int, bf16: bool = True) -> float:
-    """Weights (bf16 or fp32) + ZeRO-2 partitioned grads and fp32 master/m/v + the full fp32 EMA copy."""
+    """Weights (bf16 or fp32) + ZeRO-2 partitioned grads, fp32 master/m/v and fp32 EMA (each rank its slice)."""
     weight_bytes = 2 if bf16 else 4
     weights = weight_bytes * total
     grads = weight_bytes * trainable / gpus
     optimizer = (12 if bf16 else 8) * trainable / gpus
-    ema = 4 * trainable
+    ema = 4 * trainable / gpus  # engine/ema.py keeps the EMA of the rank's own fp32 master partition
     return (weights + grads + optimizer + ema) / GiB
 
 
@@ -65,7 +65,7 @@ def stage_report(config_name: str) -> dict:
 
 if __name__ == "__main__":
     report = {
-        "note": "estimate of model states only (bf16 weights, ZeRO-2 partitions, fp32 EMA); not measured",
+        "note": "estimate of model states only (bf16 weights, ZeRO-2 partitions incl. the partitioned fp32 EMA); not measured",
         "stages": [stage_report("wonder3d-stage1.yaml"), stage_report("wonder3d-stage2.yaml")],
     }
     out = REPO / "benchmarks" / "results" / "param_counts.json"

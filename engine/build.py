@@ -5,10 +5,11 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, RunConfig
+from engine.sources import is_run_dir, resolve_pretrained, run_weights
 from modeling.components import Components, load_components, tiny_components
-from modeling.convert_2d import load_from_2d_unet, read_config, read_weights, unet_folder
+from modeling.convert_2d import load_from_2d_unet
+from modeling.unet_loading import LoadReport, WeightsError, load_unet_folder, load_unet_weights
 from modeling.unet_mv import MVUNet, tiny_unet_config
-from modeling.wonder3d_keys import load_wonder3d_unet
 
 
 def multiview_options(cfg: RunConfig) -> dict:
@@ -18,16 +19,24 @@ def multiview_options(cfg: RunConfig) -> dict:
         "num_views": m.num_views,
         "multiview_attention": m.multiview_attention,
         "sparse_mv_attention": m.sparse_mv_attention,
+        "rowwise_mv_attention": m.rowwise_mv_attention,
         "cd_attention_mid": m.cd_attention_mid,
         "cd_attention_last": m.cd_attention_last,
         "attention_backend": m.attention,
     }
 
 
-def build_components(cfg: RunConfig) -> Components:
-    """VAE, CLIP image encoder, DDPM scheduler: from ``model.pretrained`` or tiny from config; frozen."""
-    if cfg.model.pretrained:
-        components = load_components(cfg.model.pretrained)
+def build_components(cfg: RunConfig, saved: Path | None = None) -> Components:
+    """VAE, CLIP image encoder, DDPM scheduler: from a run's ``saved`` components folder (export), else
+    ``model.pretrained`` (folder or hub id), else tiny from config; frozen.
+
+    The scheduler always predicts ``train.prediction_type``: a pretrained folder's own setting is overridden,
+    and export rebuilds the components here so the exported scheduler is the one the run trained with.
+    """
+    if saved is not None and saved.is_dir():
+        components = load_components(saved)
+    elif cfg.model.pretrained:
+        components = load_components(resolve_pretrained(cfg.model.pretrained))
     else:
         components = tiny_components(cfg.data.resolution, cfg.model.cross_attention_dim, seed=cfg.run.seed)
     components.noise_scheduler.register_to_config(prediction_type=cfg.train.prediction_type)
@@ -41,9 +50,13 @@ def build_unet(cfg: RunConfig) -> MVUNet:
         cfg.run.seed
     )  # new layers (cross-domain attention, tiny model) start identical everywhere
     if cfg.model.unet:
-        unet = _load_unet_folder(Path(cfg.model.unet), mv)
+        unet = _load_unet_folder(cfg.model.unet, mv)
     elif cfg.model.pretrained:
-        unet, _ = load_from_2d_unet(cfg.model.pretrained, zero_init_conv_in=cfg.model.zero_init_conv_in, **mv)
+        pretrained = resolve_pretrained(cfg.model.pretrained)
+        try:
+            unet, _ = load_from_2d_unet(pretrained, zero_init_conv_in=cfg.model.zero_init_conv_in, **mv)
+        except WeightsError as error:
+            raise ConfigError(str(error), key="model.pretrained") from None
     else:
         m = cfg.model
         config = tiny_unet_config(
@@ -63,46 +76,29 @@ def build_unet(cfg: RunConfig) -> MVUNet:
     return unet
 
 
-CROSS_DOMAIN_LAYERS = ("attn_joint_mid", "norm_joint_mid", "attn_joint_last", "norm_joint_last")
+def read_unet_source(source: str, mv: dict) -> tuple[MVUNet, LoadReport]:
+    """``model.unet`` through the one strict loader, with the run's multi-view options as overrides: a run
+    directory (newest checkpoint, EMA weights when kept), a gnn3d export / its unet/, a Wonder3D UNet folder
+    (legacy key names mapped), or a hub id."""
+    if is_run_dir(Path(source)):
+        saved_cfg, weights, tag = run_weights(source)
+        config = dict(build_unet(saved_cfg).config)
+        return load_unet_weights(MVUNet, config, weights, f"run {source} ({tag})", mv)
+    return load_unet_folder(MVUNet, resolve_pretrained(source, key="model.unet"), mv)
 
 
-def read_unet_source(path: Path) -> tuple[dict, dict[str, torch.Tensor], str]:
-    """(UNet config, weights, description) from a run directory (newest checkpoint, EMA weights when kept),
-    an exported gnn3d folder / its unet/, or a Wonder3D UNet folder (legacy key names mapped)."""
-    if (path / "checkpoints" / "latest").is_file():
-        from engine.export import run_weights
-
-        saved_cfg, weights, tag = run_weights(path)
-        return dict(build_unet(saved_cfg).config), weights, f"run {path} ({tag})"
-    folder = unet_folder(path)
-    config = read_config(folder)
-    if config.get("_class_name") == MVUNet.__name__:
-        return config, read_weights(folder), f"gnn3d UNet {folder}"
-    unet, _ = load_wonder3d_unet(folder, verbose=False)
-    return dict(unet.config), unet.state_dict(), f"Wonder3D UNet {folder}"
-
-
-def _load_unet_folder(path: Path, mv: dict) -> MVUNet:
+def _load_unet_folder(source: str, mv: dict) -> MVUNet:
     """Start from an existing UNet with the run's multi-view options; new cross-domain layers may be added
     (Wonder3D stage 2 adds cd_attention_mid to the stage-1 UNet). Anything else missing is an error."""
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist", key="model.unet")
-    config, weights, source = read_unet_source(path)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    unet = MVUNet.from_config({**config, **mv})
-    result = unet.load_state_dict(weights, strict=False)
-    not_new = [k for k in result.missing_keys if not any(layer in k for layer in CROSS_DOMAIN_LAYERS)]
-    if result.unexpected_keys or not_new:
-        raise ConfigError(
-            f"{source} does not fit the configured UNet: missing {not_new[:6]}, unexpected "
-            f"{result.unexpected_keys[:6]} (check model.cd_attention_mid / cd_attention_last / num_views)",
-            key="model.unet",
-        )
-    added = sum(
-        unet.get_parameter(k).numel() for k in result.missing_keys if k in dict(unet.named_parameters())
-    )
-    print(f"loaded UNet from {source}", flush=True)
-    if result.missing_keys:
-        print(f"  added {len(result.missing_keys)} new cross-domain tensors ({added:,} parameters, output "
+    try:
+        unet, report = read_unet_source(source, mv)
+    except WeightsError as error:
+        hint = "check model.cd_attention_mid / cd_attention_last / num_views"
+        raise ConfigError(f"{error} ({hint})", key="model.unet") from None
+    print(f"loaded UNet from {report.source}", flush=True)
+    if report.missing:
+        params = dict(unet.named_parameters())
+        added = sum(params[k].numel() for k in report.missing if k in params)
+        print(f"  added {len(report.missing)} new cross-domain tensors ({added:,} parameters, output "
               "projections zero-initialised so the loaded model's outputs are unchanged at step 0)", flush=True)  # fmt: skip
     return unet

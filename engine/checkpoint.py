@@ -4,7 +4,7 @@ Layout under ``run.dir/checkpoints``::
 
     step00000100/               DeepSpeed model + ZeRO optimizer states (DeepSpeed's own files)
         gnn3d_rank00000.pt      per-rank state: data position, RNG states (plain types, weights_only-safe)
-        ema.safetensors         EMA weights (identical on every rank; written by rank 0)
+        ema.safetensors         full EMA weights (gathered from every rank's slice; written by rank 0)
         run_config.yaml         the resolved run config
     latest                      the newest complete tag (DeepSpeed's convention; zero_to_fp32 reads it)
 
@@ -72,9 +72,9 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, rank: int, extra: 
     tmp = TMP_PREFIX + tag
     engine.save_checkpoint(str(root), tag=tmp, client_state={"gnn3d_step": step}, save_latest=False)
     torch.save({"data_state": extra["data_state"], "rng": rng_state()}, rank_file(root / tmp, rank))
+    if extra["ema"].enabled:  # collective: every rank holds a slice of the EMA; rank 0 writes it whole
+        extra["ema"].save(str(root / tmp / "ema.safetensors"))
     if rank == 0:
-        if extra["ema"].enabled:
-            extra["ema"].save(str(root / tmp / "ema.safetensors"))
         (root / tmp / "run_config.yaml").write_text(extra["config_yaml"])
     dist.barrier()  # every rank's files are on disk before the tag becomes visible
     if rank == 0:
@@ -134,10 +134,10 @@ def find_resume_dir(resume: str, run_dir: Path) -> tuple[Path, str] | None:
 
 # Keys that change the UNet's parameters or the meaning of its inputs: a resume must not change them.
 ARCHITECTURE_KEYS = (
-    "model.num_views", "model.multiview_attention", "model.sparse_mv_attention", "model.cd_attention_mid",
-    "model.cd_attention_last", "model.block_out_channels", "model.layers_per_block", "model.attention_head_dim",
-    "model.cross_attention_dim", "model.pretrained", "model.unet", "data.resolution", "data.views", "data.mode",
-    "train.trainable",
+    "model.num_views", "model.multiview_attention", "model.sparse_mv_attention", "model.rowwise_mv_attention",
+    "model.cd_attention_mid", "model.cd_attention_last", "model.block_out_channels", "model.layers_per_block",
+    "model.attention_head_dim", "model.cross_attention_dim", "model.pretrained", "model.unet", "data.resolution",
+    "data.views", "data.mode", "train.trainable",
 )  # fmt: skip
 
 
@@ -158,18 +158,12 @@ def check_same_architecture(saved: RunConfig, current: RunConfig, *, source: str
         )
 
 
-def load_checkpoint(
-    engine: Any, root: Path, tag: str, *, rank: int, world_size: int, ema: Any
-) -> ResumeState:
-    """Collective: restore engine (weights, optimizer, LR schedule), EMA, RNG and this rank's data position."""
-    saved_ranks = len(list((root / tag).glob("gnn3d_rank*.pt")))
-    if saved_ranks != world_size:
-        raise ConfigError(
-            f"checkpoint {root / tag} was written by {saved_ranks} ranks but this run has {world_size}. ZeRO "
-            "optimizer partitions need the same data-parallel size: resume with the same number of processes, "
-            "or start fresh from the weights (python launcher/export.py, then model.unet=<export>/unet)",
-            key="run.resume",
-        )
+def load_checkpoint(engine: Any, root: Path, tag: str, *, rank: int, ema: Any) -> ResumeState:
+    """Collective: restore engine (weights, optimizer, LR schedule), EMA, RNG and this rank's data position.
+
+    ``engine.preflight.check_resume`` has already refused a checkpoint this run cannot continue (architecture,
+    number of ranks, data-stream settings, global batch).
+    """
     _, client = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -30,6 +30,34 @@ class ModelInputs:
     is_normal: Tensor  # (N,) bool: which domain each image belongs to
 
 
+DOMAINS = {"normal": True, "color": False}  # logged name -> value of ModelInputs.is_normal
+
+
+def domain_sums(per_image: Tensor, is_normal: Tensor) -> dict[str, float]:
+    """Sum and image count of the per-image loss of each domain: ``loss_<domain>_sum``, ``loss_<domain>_images``.
+
+    Sums and counts add up over micro-steps and ranks; ``domain_means`` divides them at the end, so a domain
+    that a micro-batch lacks (mix mode) contributes nothing instead of a NaN.
+    """
+    out = {}
+    for domain, normal in DOMAINS.items():
+        mine = per_image[is_normal == normal]
+        out[f"loss_{domain}_sum"] = mine.sum().item()
+        out[f"loss_{domain}_images"] = float(mine.numel())
+    return out
+
+
+def domain_means(values: dict[str, float]) -> dict[str, float]:
+    """``values`` with each domain's sum/count pair replaced by ``loss_<domain>``, the mean over the images (and
+    so the objects, each having the same views) that had it; a domain no image of the step had is left out."""
+    out = dict(values)
+    for domain in DOMAINS:
+        total, images = out.pop(f"loss_{domain}_sum"), out.pop(f"loss_{domain}_images")
+        if images > 0:
+            out[f"loss_{domain}"] = total / images
+    return out
+
+
 def choose_normal_domain(generators: list[torch.Generator]) -> Tensor:
     """Mix mode: one fair coin per object, True = the object trains its normal views. Shape [B] bool."""
     return rand_per_object(generators) < 0.5
@@ -57,7 +85,7 @@ class DiffusionObjective:
         return self._mix(batch, generators, views, cond_latent, clip)
 
     def loss(self, unet: torch.nn.Module, inputs: ModelInputs) -> tuple[Tensor, dict[str, float]]:
-        """Weighted MSE of the UNet prediction; also the color and normal parts for logging."""
+        """Weighted MSE of the UNet prediction, and the per-domain sums for logging (see ``domain_sums``)."""
         noisy = self.scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
         dtype = next(unet.parameters()).dtype
         sample = torch.cat([noisy, inputs.cond_latent], dim=1).to(dtype)
@@ -67,15 +95,7 @@ class DiffusionObjective:
         pred = pred.sample.float()
         target = self._target(inputs)
         per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * self._snr_weight(inputs)
-        metrics = {
-            "loss_normal": per_image[inputs.is_normal].mean().item()
-            if inputs.is_normal.any()
-            else float("nan"),
-            "loss_color": per_image[~inputs.is_normal].mean().item()
-            if (~inputs.is_normal).any()
-            else float("nan"),
-        }
-        return per_image.mean(), metrics
+        return per_image.mean(), domain_sums(per_image.detach(), inputs.is_normal)
 
     def _condition_dropout(self, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
         """One draw per object ("drop as a whole"): CLIP only / both / condition latent only."""

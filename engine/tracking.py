@@ -5,6 +5,7 @@ variables win over ``logging.*`` in the run config. The default mode is offline:
 """
 
 import json
+import math
 import os
 import secrets
 import time
@@ -34,6 +35,16 @@ def _open_jsonl(path: Path):
         if data and not data.endswith(b"\n"):
             path.write_bytes(data[: data.rfind(b"\n") + 1])
     return path.open("a", buffering=1)
+
+
+def jsonl_line(step: int, metrics: dict[str, float]) -> str:
+    """One strict-JSON line of metrics.jsonl. JSON has no NaN or Infinity: a non-finite value is left out and
+    its key listed under ``nonfinite``, so a diverged loss stays visible and every line still parses."""
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    record = {"step": step, "time": round(time.time(), 3), **finite}
+    if len(finite) < len(metrics):
+        record["nonfinite"] = sorted(set(metrics) - set(finite))
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 class Tracker:
@@ -67,8 +78,7 @@ class Tracker:
         """Append ``metrics`` for ``step`` everywhere; ``show`` goes to the progress bar."""
         if not self.is_main:
             return
-        record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(jsonl_line(step, metrics))
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)

@@ -1,7 +1,8 @@
 """The training run: set up once, then ``run_step`` until ``run.max_steps``, with hooks around it.
 
-Reads top to bottom: distributed init → run dir → components and UNet → DeepSpeed engine → data → resume →
-loop (step, log, checkpoint, validate) → final checkpoint and validation.
+Reads top to bottom: distributed init → the demo's data and VAE (CPU demo only, made an ordinary config) →
+preflight checks → run dir → data → components and UNet → DeepSpeed engine → resume → loop (step, log,
+checkpoint, validate) → final checkpoint and validation.
 """
 
 import hashlib
@@ -20,33 +21,27 @@ import yaml
 from datapipes.shards import build_train_loader, build_val_loader
 from datapipes.transform import TransformOptions
 from engine.build import build_components, build_unet
-from engine.checkpoint import (
-    check_same_architecture,
-    find_resume_dir,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from engine.config import (
     ConfigError,
     RunConfig,
     check_trainable_stage,
     config_to_dict,
-    load_config,
     resolve_ds_config,
     save_config,
     save_ds_config,
 )
-from engine.demo_data import ensure_demo_shards
-from engine.demo_vae import ensure_demo_vae
+from engine.demo import prepare_demo
 from engine.distributed import DistInfo, init_distributed
 from engine.ema import EMA
-from engine.objective import DiffusionObjective
+from engine.objective import DiffusionObjective, domain_means
 from engine.optim import build_optimizer, describe_trainable, lr_lambda, param_groups, select_trainable
+from engine.preflight import check_run
 from engine.randomness import object_generators
 from engine.throughput import Throughput
 from engine.tracking import Tracker
-from engine.validation import run_validation
+from engine.validation import run_validation, validation_weights
+from modeling.components import save_components
 
 
 @dataclass
@@ -64,15 +59,17 @@ class Run:
     train_shards: str
     start_step: int = 0
     val_batch: dict | None = field(default=None, repr=False)
+    validate: bool = True  # False only when the validation split is empty (allowed with validation.every=0)
 
 
 def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     """Entry point of ``launcher/train.py``; returns the process exit code."""
     info = init_distributed()
     try:
+        cfg = prepare_demo(cfg, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
         run = setup(cfg, ds_config, ds_path, info)
         loop(run)
-    except ConfigError as err:  # a settings problem found late (resume, UNet folder): the message says it all
+    except ConfigError as err:  # found late (demo data, weights that do not fit): the message says it all
         print(f"[rank {info.rank}] config error: {err}", file=sys.stderr, flush=True)
         return 2
     except Exception:
@@ -88,34 +85,32 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
-    run_dir = Path(cfg.run.dir)
+    """Checks → run dir → data → frozen components and UNet → DeepSpeed engine → resume."""
+    checked = check_run(cfg, world_size=info.world_size)  # before anything is written or built
     ds = resolve_ds_config(
         ds_config, cfg, world_size=info.world_size, source=ds_path, cuda=info.device.type == "cuda"
     )
     check_trainable_stage(ds, source=ds_path)
-    resume_from = _checkpoint_to_resume(cfg, run_dir)
+    run_dir = Path(cfg.run.dir)
     if info.is_main:
+        for warning in checked.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         save_ds_config(ds, run_dir / "ds_config.json")
     seed_everything(cfg.run.seed)
-    components = build_components(cfg).to(info.device)
-    shards = cfg.data.shards or str(ensure_demo_shards(cfg, local_rank=info.local_rank))
-    ensure_demo_vae(cfg, components, local_rank=info.local_rank, run_components=run_dir / "components")
-    if info.is_main and not cfg.model.pretrained and not (run_dir / "components").is_dir():
-        from modeling.components import save_components
-
-        save_components(components, run_dir / "components")  # export reuses the exact frozen parts
-    engine, counts = build_engine(cfg, ds, info)
-    ema = EMA(engine.module, cfg.train.ema_decay, cfg.train.ema_every)
     loader = build_train_loader(
-        shards, batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
+        cfg.data.shards, batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
     )  # fmt: skip
+    components = _frozen_components(cfg, run_dir, info).to(info.device)
+    engine, counts = build_engine(cfg, ds, info)
+    ema = EMA(engine, cfg.train.ema_decay, cfg.train.ema_every)
     objective = DiffusionObjective(components, cfg, info.device)
-    run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=shards)
-    _resume(run, resume_from)
+    run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=cfg.data.shards)
+    run.validate = checked.validate
+    _resume(run, checked.resume)
     if info.is_main:
         print(describe_trainable(counts), flush=True)
         print(f"world size {info.world_size}; starting at step {run.start_step}", flush=True)
@@ -150,26 +145,29 @@ def build_engine(cfg: RunConfig, ds: dict, info: DistInfo):
 def _transform(cfg: RunConfig, background: str) -> TransformOptions:
     d = cfg.data
     return TransformOptions(
-        resolution=d.resolution, num_views=len(d.views), background=background, clip_size=d.clip_size
+        resolution=d.resolution,
+        num_views=len(d.views),
+        background=background,
+        clip_size=d.clip_size,
+        views=tuple(d.views),  # the loader takes exactly these stored views, in this order
     )
 
 
-def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, str] | None:
-    """The checkpoint ``run.resume`` names, checked against the run config before anything is written."""
-    found = find_resume_dir(cfg.run.resume, run_dir)
-    if found is not None:
-        saved = found[0] / found[1] / "run_config.yaml"
-        check_same_architecture(load_config(saved), cfg, source=str(saved))
-    return found
+def _frozen_components(cfg: RunConfig, run_dir: Path, info: DistInfo):
+    """VAE, CLIP, scheduler from model.components, model.pretrained or tiny; runs without a pretrained folder
+    keep a copy in run_dir/components, which export reuses."""
+    components = build_components(cfg, saved=Path(cfg.model.components) if cfg.model.components else None)
+    keep = cfg.model.components or not cfg.model.pretrained
+    if info.is_main and keep and not (run_dir / "components").is_dir():
+        save_components(components, run_dir / "components")
+    return components
 
 
 def _resume(run: Run, found: tuple[Path, str] | None) -> None:
     if found is None:
         return
     root, tag = found
-    state = load_checkpoint(
-        run.engine, root, tag, rank=run.info.rank, world_size=run.info.world_size, ema=run.ema
-    )
+    state = load_checkpoint(run.engine, root, tag, rank=run.info.rank, ema=run.ema)
     run.loader.load_state_dict(state.data_state)
     run.start_step = state.step
 
@@ -178,7 +176,7 @@ def run_step(run: Run, batches, step: int) -> dict[str, float]:
     """One optimizer step (grad-accum micro-steps): encode → noise → forward → loss → backward → step → EMA."""
     cfg, engine = run.cfg, run.engine
     micro = cfg.train.micro_batch_size
-    totals = {"loss": 0.0, "loss_normal": 0.0, "loss_color": 0.0, "data_wait_s": 0.0}
+    totals = {"loss": 0.0, "data_wait_s": 0.0}
     for micro_step in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -189,9 +187,9 @@ def run_step(run: Run, batches, step: int) -> dict[str, float]:
         engine.backward(loss)
         engine.step()
         totals["loss"] += loss.item() / cfg.train.grad_accum
-        for key, value in parts.items():
-            totals[key] += value / cfg.train.grad_accum
-    run.ema.update(engine.module, step + 1)
+        for key, value in parts.items():  # per-domain sums and counts, divided after the global reduction
+            totals[key] = totals.get(key, 0.0) + value
+    run.ema.update(step + 1)
     return totals
 
 
@@ -215,7 +213,7 @@ def loop(run: Run) -> None:
     try:
         while step < cfg.run.max_steps:
             t0 = time.perf_counter()
-            values = _global_mean(run_step(run, batches, step), info.device)
+            values = domain_means(_global_mean(run_step(run, batches, step), info.device))
             step += 1
             tracker.advance()
             metrics = meter.metrics(values, time.perf_counter() - t0, lr=run.engine.get_lr()[0])
@@ -228,7 +226,7 @@ def loop(run: Run) -> None:
                 _validate(run, step, tracker)
         if last_saved != step:
             _checkpoint(run, step, tracker)
-        if not cfg.validation.every or step % cfg.validation.every:
+        if run.validate and (not cfg.validation.every or step % cfg.validation.every):
             _validate(run, step, tracker)
         tracker.log(step, {"replicas_in_sync": float(_check_replicas(run))})
     finally:
@@ -262,12 +260,16 @@ def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
 
 
 def _validate(run: Run, step: int, tracker: Tracker) -> None:
-    """Rank 0 generates; the others wait at the barrier (ZeRO-2 replicates weights, so rank 0 has them all)."""
+    """Rank 0 generates; the others help gather the EMA, then wait at the barrier (ZeRO-2 replicates the
+    module weights, so rank 0 has them all)."""
+    ema_weights = validation_weights(run.ema, run.cfg)
     if run.info.is_main:
         if run.val_batch is None:
             run.val_batch = _first_val_batch(run)
         out_png = run.run_dir / "validation" / f"step{step:08d}.png"
-        scores = run_validation(run.engine.module, run.components, run.ema, run.val_batch, run.cfg, out_png)
+        scores = run_validation(
+            run.engine.module, run.components, ema_weights, run.val_batch, run.cfg, out_png
+        )
         tracker.log(step, scores)
         tracker.log_image(step, "val/grid", out_png)
         tracker.write(

@@ -25,16 +25,29 @@ def validation_grid(batch: dict, normals: torch.Tensor, colors: torch.Tensor) ->
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def validation_weights(ema: EMA, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
+    """Collective (every rank calls it): the full EMA weights on rank 0 when validation uses them, else None."""
+    return ema.gather() if cfg.validation.use_ema and ema.enabled else None
+
+
 @torch.no_grad()
 def run_validation(
-    unet: torch.nn.Module, components: Components, ema: EMA, batch: dict, cfg: RunConfig, out_png: Path
+    unet: torch.nn.Module,
+    components: Components,
+    ema_weights: dict[str, torch.Tensor] | None,
+    batch: dict,
+    cfg: RunConfig,
+    out_png: Path,
 ) -> dict[str, float]:
-    """Generate with the EMA weights (if enabled), write ``out_png``, return val/* metrics. Rank 0 only."""
+    """Generate with ``ema_weights`` (from ``validation_weights``; None = the live weights), write ``out_png``,
+    return val/* metrics. Rank 0 only."""
     v = cfg.validation
     backup = None
-    if v.use_ema and ema.enabled:
-        backup = {n: p.detach().clone() for n, p in unet.named_parameters() if n in ema.shadow}
-        ema.copy_to(unet)
+    if ema_weights is not None:
+        backup = {n: p.detach().clone() for n, p in unet.named_parameters() if n in ema_weights}
+        for name, param in unet.named_parameters():
+            if name in ema_weights:
+                param.copy_(ema_weights[name])  # copy_ casts to the module dtype and device
     was_training = unet.training
     unet.eval()
     try:

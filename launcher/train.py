@@ -21,6 +21,7 @@ from engine.config import (
     load_ds_config,
     resolve_ds_config,
 )
+from engine.preflight import check_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", default=str(DEFAULT_DS), help="DeepSpeed JSON (default: ZeRO-2)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument(
-        "--check", action="store_true", help="validate the config and DeepSpeed JSON, then exit"
+        "--check",
+        action="store_true",
+        help="run every start-up check (config, DeepSpeed JSON, model folders, shards, run dir, resume), then exit",
     )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 run.dir=runs/x")
     return parser.parse_args(argv)
@@ -48,18 +51,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # what the launcher set (1 without one)
     try:
         cfg = load_config(args.config, args.overrides)
         ds_config = load_ds_config(args.deepspeed)
         check_trainable_stage(ds_config, source=args.deepspeed)
-        if args.check:  # the batch arithmetic for the world size the launcher set (1 without one)
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
-            resolve_ds_config(ds_config, cfg, world_size=world_size, source=args.deepspeed, cuda=True)
+        resolve_ds_config(ds_config, cfg, world_size=world_size, source=args.deepspeed, cuda=True)
+        checked = check_run(cfg, world_size=world_size)  # before any process group, render or model
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank fails the same way; one line is enough
+            print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"config OK: {args.config} + {args.deepspeed}")
+        for warning in checked.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        demo = "" if cfg.data.shards else " (demo data: checked once rendered)"
+        print(f"config OK: {args.config} + {args.deepspeed}{demo}")
         return 0
     from engine.train import train
 

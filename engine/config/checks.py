@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+from datapipes.manifest import ManifestError
+from datapipes.sample import SampleError
+from datapipes.shard_io import stored_views
 from engine.config.errors import ConfigError
 from engine.config.schema import REFERENCE_VIEWS, RunConfig
 
@@ -32,6 +35,33 @@ def _views(cfg: RunConfig) -> None:
             f"model.num_views={cfg.model.num_views} but data.views lists {len(views)} views "
             f"(set by {cfg.source_of('data.views')}); make them agree",
         )
+    for key, spec, split in (
+        ("data.shards", cfg.data.shards, "train"),
+        ("data.val_shards", cfg.data.val_shards, "val"),
+    ):
+        _views_stored(cfg, key, spec, split)
+
+
+def _views_stored(cfg: RunConfig, shards_key: str, spec: str, split: str) -> None:
+    """data.views must be views the shards store, and the shards must condition on 'front' like data.views."""
+    try:
+        found = stored_views(spec, split) if spec else None
+    except (ManifestError, SampleError, OSError):
+        return  # an unreadable manifest or shard is reported by the checks of the data paths
+    if found is None:  # remote shards: each sample is checked as it is decoded
+        return
+    stored, cond_view, where = found
+    missing = [v for v in cfg.data.views if v not in stored]
+    if missing:
+        raise _fail(
+            cfg,
+            "data.views",
+            f"{missing} not stored in the {shards_key} shards ({where} holds {list(stored)})",
+        )
+    if cond_view != cfg.data.views[0]:
+        raise _fail(
+            cfg, "data.views", f"the {shards_key} shards condition on {cond_view!r} ({where}), not 'front'"
+        )
 
 
 def _domains(cfg: RunConfig) -> None:
@@ -45,6 +75,14 @@ def _domains(cfg: RunConfig) -> None:
         )
     if cfg.model.sparse_mv_attention and not cfg.model.multiview_attention:
         raise _fail(cfg, "model.sparse_mv_attention", "needs model.multiview_attention=true")
+    if cfg.model.rowwise_mv_attention and cfg.model.sparse_mv_attention:
+        raise _fail(
+            cfg,
+            "model.rowwise_mv_attention",
+            "cannot be combined with model.sparse_mv_attention (two different view patterns); set one to false",
+        )
+    if cfg.model.rowwise_mv_attention and not cfg.model.multiview_attention:
+        raise _fail(cfg, "model.rowwise_mv_attention", "needs model.multiview_attention=true")
 
 
 def _resolution(cfg: RunConfig) -> None:

@@ -23,22 +23,41 @@ class RunSection:
         "auto", "'auto' (newest checkpoint in run.dir, if any), 'none', or a checkpoint/run directory path."
     )
     max_steps: int = opt(300, "Optimizer steps to train for (steps are counted, never epochs).", min=1)
+    allow_batch_change: bool = opt(
+        False,
+        "Let a resume change train.grad_accum (and so the global batch); refused otherwise. Micro-batch, "
+        "data.workers and seed can never change on resume (the saved data position depends on them).",
+    )
 
 
 @dataclass
 class ModelSection:
     pretrained: str = opt(
         "",
-        "Local diffusers folder (sd-image-variations layout: unet/ vae/ image_encoder/ scheduler/ "
-        "feature_extractor/). Empty: build the tiny model below from config (CPU demo, tests).",
+        "Diffusers folder (sd-image-variations layout: unet/ vae/ image_encoder/ scheduler/ "
+        "feature_extractor/) or a Hugging Face hub id (lambdalabs/sd-image-variations-diffusers), read from "
+        "the hub cache (HF_HOME; HF_HUB_OFFLINE=1 never downloads). Empty: build the tiny model below from "
+        "config (CPU demo, tests).",
     )
     unet: str = opt(
         "",
-        "Optional UNet folder to start from instead of pretrained/unet: a gnn3d export or Wonder3D checkpoint.",
+        "Optional UNet to start from instead of pretrained/unet: a gnn3d run dir or export, a Wonder3D "
+        "checkpoint folder, or a hub id. Loaded strictly: a missing or unexpected weight is an error.",
+    )
+    components: str = opt(
+        "",
+        "Folder of the frozen parts (vae/ image_encoder/ scheduler/ feature_extractor/, as a run's components/ "
+        "or an export) used instead of model.pretrained's or the tiny ones. The CPU demo sets it to its "
+        "fitted VAE.",
     )
     num_views: int = opt(6, "Views per object that attend to each other; must equal len(data.views).", min=1)
     multiview_attention: bool = opt(True, "Self-attention over all views of an object (Wonder3D default).")
     sparse_mv_attention: bool = opt(False, "Each view attends to the first view and itself only.")
+    rowwise_mv_attention: bool = opt(
+        False,
+        "Era3D row-wise attention: each image row attends to the same row of all views (scores (views*width)^2 "
+        "per row instead of (views*height*width)^2 per object; for large latents). Same weights as dense.",
+    )
     cd_attention_mid: bool = opt(True, "Cross-domain attention after self-attention (needs data.mode=joint).")
     cd_attention_last: bool = opt(
         False, "Cross-domain attention after the feed-forward (needs data.mode=joint)."
@@ -77,7 +96,11 @@ class DataSection:
     demo_cache: str = opt("~/.cache/gnn3d/demo", "Where the synthetic demo dataset is rendered and sharded.")
     demo_objects: int = opt(48, "Objects in the synthetic demo dataset.", min=2)
     resolution: int = opt(256, "Training image size (square); must be a multiple of 8 (VAE factor).", min=16)
-    views: list[str] = opt(list(REFERENCE_VIEWS), "Target views, in order; the condition view is 'front'.")
+    views: list[str] = opt(
+        list(REFERENCE_VIEWS),
+        "Target views, in order: any subset or reorder of the views the shards store (the loader takes exactly "
+        "these: images, normals, cameras, embeddings); the first must be 'front', the condition view.",
+    )
     mode: Literal["joint", "mix"] = opt(
         "joint",
         "joint: color and normal views of each object together (2*V*B images, stage 2); "

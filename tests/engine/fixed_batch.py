@@ -34,18 +34,18 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
-def fixed_batch_run(cfg: RunConfig, info: DistInfo) -> Run:
-    """A Run with a DeepSpeed engine and no loader: feed it batches with ``run_step``."""
+def fixed_batch_run(cfg: RunConfig, info: DistInfo, ds_name: str = "zero2.json") -> Run:
+    """A Run with a DeepSpeed engine (``ds_configs/<ds_name>``) and no loader: feed it batches with ``run_step``."""
     ds = resolve_ds_config(
-        load_ds_config(REPO / "ds_configs" / "zero2.json"),
+        load_ds_config(REPO / "ds_configs" / ds_name),
         cfg,
         world_size=info.world_size,
-        source="zero2",
+        source=ds_name,
         cuda=False,
     )
     components = build_components(cfg)
     engine, _ = build_engine(cfg, ds, info)
-    ema = EMA(engine.module, cfg.train.ema_decay)
+    ema = EMA(engine, cfg.train.ema_decay, cfg.train.ema_every)
     objective = DiffusionObjective(components, cfg, info.device)
     return Run(cfg, info, Path(cfg.run.dir), engine, ema, objective, components, loader=None, train_shards="")
 

@@ -53,7 +53,7 @@ def command(nproc: int, port: int) -> list[str]:
     ]
 
 
-def train(
+def launch(
     run_dir: Path,
     cache: Path,
     *overrides: str,
@@ -61,8 +61,8 @@ def train(
     port: int = 29511,
     timeout: int = 300,
     ds: str = "",
-):
-    """Run training to completion (``ds``: a DeepSpeed JSON under ds_configs/); raises with the output tail."""
+) -> subprocess.CompletedProcess:
+    """Run ``launcher/train.py`` on the tiny config (``ds``: a DeepSpeed JSON under ds_configs/); any exit code."""
     ds_args = ["--deepspeed", str(REPO / "ds_configs" / ds)] if ds else []
     args = [
         *command(nproc, port),
@@ -72,7 +72,12 @@ def train(
         f"data.demo_cache={cache}",
         *overrides,
     ]
-    proc = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(args, env=env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def train(run_dir: Path, cache: Path, *overrides: str, **options) -> subprocess.CompletedProcess:
+    """``launch`` that must succeed; raises with the output tail."""
+    proc = launch(run_dir, cache, *overrides, **options)
     if proc.returncode != 0:
         raise AssertionError(
             f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -117,3 +122,15 @@ def losses_by_step(run_dir: Path) -> dict[int, dict]:
             if "loss" in record:
                 records[record["step"]] = record
     return records
+
+
+def metrics_lines(run_dir: Path) -> int:
+    """Complete lines in metrics.jsonl (a resumed run drops a line cut off by a kill and appends after these)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def training_records_after(run_dir: Path, line: int) -> list[dict]:
+    """Training records (those with a loss) from line ``line`` of metrics.jsonl on."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[line:]
+    return [record for record in map(json.loads, lines) if "loss" in record]

@@ -106,6 +106,16 @@ BAD_RUN_CONFIGS = {
         ["data.shards=/d/shard-{0..9}.tar"],
         ["data.val_shards", "validation split"],
     ),
+    "rowwise_with_sparse": (
+        "model:\n  rowwise_mv_attention: true\n  sparse_mv_attention: true\n",
+        [],
+        ["run.yaml", "model.rowwise_mv_attention", "model.sparse_mv_attention"],
+    ),
+    "rowwise_without_multiview": (
+        None,
+        ["model.rowwise_mv_attention=true", "model.multiview_attention=false"],
+        ["model.rowwise_mv_attention", "command line", "needs model.multiview_attention=true"],
+    ),
 }
 
 
@@ -199,3 +209,89 @@ def test_resume_refuses_a_different_architecture():
         check_same_architecture(saved, load_config(), source="ckpt/run_config.yaml")
     assert "model.cd_attention_mid: checkpoint False, run config True" in str(err.value)
     assert "ckpt/run_config.yaml" in str(err.value)
+    # Row-wise attention keeps the weights but changes what every attn1 computes: a resume must not flip it.
+    with pytest.raises(ConfigError, match=r"model\.rowwise_mv_attention: checkpoint False, run config True"):
+        check_same_architecture(
+            load_config(), load_config(None, ["model.rowwise_mv_attention=true"]), source="x"
+        )
+
+
+def _manifest(tmp_path: Path, **fields) -> Path:
+    """A converter manifest with no shards: all the views check reads."""
+    path = tmp_path / "shards" / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": "gnn3d-shards/1", "shards": [], "skipped": [], **fields}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_views_the_shards_do_not_store_are_refused_in_one_line(tmp_path):
+    manifest = _manifest(tmp_path, views=["front", "right", "back", "left"], cond_view="front")
+    config = write(tmp_path, "data:\n  views: [front, front_left]\nmodel:\n  num_views: 2\n")
+    load_config(config, [f"data.shards={manifest}", "data.views=front,back", "model.num_views=2"])
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [f"data.shards={manifest}"])
+    message = str(err.value)
+    assert "\n" not in message
+    for word in (str(config), "data.views", "['front_left']", str(manifest)):
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_shards_that_condition_on_another_view_are_refused(tmp_path):
+    manifest = _manifest(tmp_path, views=["front", "back"], cond_view="back")
+    with pytest.raises(ConfigError, match=r"data\.views: the data\.shards shards condition on 'back'"):
+        load_config(None, [f"data.shards={manifest}", "data.views=front,back", "model.num_views=2"])
+
+
+def test_a_manifest_without_views_holds_the_reference_six():
+    from datapipes.manifest import manifest_views
+
+    assert manifest_views({"format": "gnn3d-shards/1"}) == (
+        ("front", "front_right", "right", "back", "left", "front_left"),
+        "front",
+    )
+
+
+def test_data_views_select_exactly_those_views_through_the_run_loader(tmp_path):
+    """The run config's data.views reaches the loader: a reorder gives the full batch's views, reindexed."""
+    import torch
+
+    from datapipes.convert import ConvertOptions, convert
+    from datapipes.shards import build_train_loader
+    from datapipes.synth.dataset import render_dataset
+    from engine.train import _transform
+
+    render_dataset(tmp_path / "src", 2, res=16, workers=1)
+    convert(tmp_path / "src", tmp_path / "shards", ConvertOptions(samples_per_shard=1, val_fraction=0.0))
+    views = ["front", "left", "back", "front_left", "right", "front_right"]
+    overrides = [f"data.shards={tmp_path / 'shards'}", "data.resolution=16", "data.clip_size=16"]
+
+    def first_batch(extra: list[str]) -> dict:
+        cfg = load_config(None, overrides + extra)
+        loader = build_train_loader(
+            cfg.data.shards, batch_size=2, rank=0, world_size=1, seed=0, workers=0, max_epochs=1,
+            transform=_transform(cfg, "white"), shuffle_shards=False, bad_sample="raise",
+        )  # fmt: skip
+        return next(iter(loader))
+
+    full, chosen = first_batch([]), first_batch([f"data.views={','.join(views)}"])
+    stored = load_config().data.views  # the default: every stored view, in stored order
+    index = [stored.index(view) for view in views]
+    for key in ("image_target", "normal_target", "camera_embed_image", "camera_embed_normal"):
+        assert torch.equal(chosen[key], full[key][:, index]), f"{key} does not follow data.views={views}"
+
+
+def test_rowwise_key_builds_a_unet_whose_attn1_is_rowwise():
+    """model.rowwise_mv_attention in the run config reaches every attn1 processor of engine.build's UNet."""
+    from engine.build import build_unet
+    from modeling.attention import MultiViewAttnProcessor
+    from modeling.blocks import MVTransformerBlock
+
+    def attn1_processors(overrides: list[str]) -> list:
+        unet = build_unet(load_config(None, overrides))
+        return [m.attn1.processor for m in unet.modules() if isinstance(m, MVTransformerBlock)]
+
+    rowwise = attn1_processors(["model.rowwise_mv_attention=true"])
+    assert rowwise and all(isinstance(p, MultiViewAttnProcessor) and p.rowwise for p in rowwise)
+    assert not any(p.rowwise for p in attn1_processors([]))
+    assert load_config().model.rowwise_mv_attention is False  # dense stays the default

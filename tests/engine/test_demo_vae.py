@@ -1,4 +1,4 @@
-"""The demo VAE: fitting lowers reconstruction error, latents get unit scale, the cache is reused."""
+"""The demo VAE: fitting lowers reconstruction error, latents get unit scale, the cached folder is reused."""
 
 import json
 from pathlib import Path
@@ -8,17 +8,18 @@ import torch
 
 from datapipes.synth import render_object, write_object
 from engine.config import load_config
-from engine.demo_data import demo_shards_dir
-from engine.demo_vae import (
+from engine.demo import prepare_demo
+from engine.demo.data import demo_shards_dir
+from engine.demo.vae import (
     FIT_STATS,
     DemoVAEError,
+    demo_components_dir,
     demo_images,
-    demo_vae_dir,
-    ensure_demo_vae,
+    ensure_demo_components,
     evaluate,
     fit_demo_vae,
 )
-from modeling.components import tiny_components
+from modeling.components import load_components, tiny_components
 
 REPO = Path(__file__).resolve().parents[2]
 RES = 32
@@ -93,62 +94,70 @@ def _write_renders(cfg, samples) -> None:
         write_object(sample, renders)
 
 
-def test_ensure_fits_once_then_loads_the_cache(tmp_path, samples, monkeypatch):
-    cfg = _demo_config(tmp_path)
-    monkeypatch.setattr(cfg.model, "demo_vae_steps", 40, raising=False)
-    _write_renders(cfg, samples)
-    first = tiny_components(RES, seed=cfg.run.seed)
-    stats = ensure_demo_vae(cfg, first, local_rank=0, log=lambda _: None)
-    assert stats and stats["steps"] == 40
-    folder = demo_vae_dir(cfg)
-    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((folder / FIT_STATS).read_text())["psnr"] == stats["psnr"]
-    assert not list(folder.parent.glob("*.tmp-*"))  # the temporary folder was renamed into place
+def _ensure(cfg, run_dir: Path) -> Path | None:
+    return ensure_demo_components(
+        cfg, local_rank=0, run_components=run_dir / "components", log=lambda _: None
+    )
 
-    import engine.demo_vae as module
+
+def test_ensure_fits_once_then_reuses_the_cached_folder(tmp_path, samples, monkeypatch):
+    cfg = _demo_config(tmp_path, "model.demo_vae_steps=40")
+    _write_renders(cfg, samples)
+    folder = _ensure(cfg, tmp_path / "run")
+    assert folder == demo_components_dir(cfg)
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    stats = json.loads((folder / FIT_STATS).read_text())
+    assert stats["steps"] == 40
+    assert not list(folder.parent.glob("*.tmp-*"))  # the temporary folder was renamed into place
+    fitted = load_components(folder)
+    assert fitted.vae.config.scaling_factor == stats["scaling_factor"]
+    tiny = tiny_components(RES, cfg.model.cross_attention_dim, seed=cfg.run.seed)
+    assert not torch.equal(fitted.vae.decoder.conv_out.weight, tiny.vae.decoder.conv_out.weight)
+    for name in ("image_encoder",):  # the other parts are the run's own seeded tiny ones
+        one, two = getattr(fitted, name).state_dict(), getattr(tiny, name).state_dict()
+        assert all(torch.equal(one[k], two[k]) for k in one)
+
+    import engine.demo.vae as module
 
     def no_fitting(*args, **kwargs):
-        raise AssertionError("the cached VAE should be loaded, not fitted again")
+        raise AssertionError("the cached folder should be reused, not fitted again")
 
     monkeypatch.setattr(module, "fit_demo_vae", no_fitting)
-    second = tiny_components(RES, seed=cfg.run.seed)
-    assert ensure_demo_vae(cfg, second, local_rank=0, log=lambda _: None) == {}
-    one, two = first.vae.state_dict(), second.vae.state_dict()
-    assert all(torch.equal(one[k], two[k]) for k in one)
-    assert second.vae.config.scaling_factor == first.vae.config.scaling_factor == stats["scaling_factor"]
-    assert not second.vae.training and not any(p.requires_grad for p in second.vae.parameters())
+    assert _ensure(cfg, tmp_path / "run") == folder
 
 
-def test_ensure_prefers_the_vae_saved_in_the_run_dir(tmp_path, monkeypatch):
+def test_ensure_prefers_the_components_saved_in_the_run_dir(tmp_path):
     """A resumed run keeps the VAE its UNet was trained with, without fitting or needing the cache."""
-    cfg = _demo_config(tmp_path)
-    monkeypatch.setattr(cfg.model, "demo_vae_steps", 10, raising=False)
-    saved = tiny_components(RES, seed=7)
-    saved.vae.register_to_config(scaling_factor=0.5)
-    saved.vae.save_pretrained(tmp_path / "run" / "components" / "vae")
-    components = tiny_components(RES, seed=cfg.run.seed)
-    assert (
-        ensure_demo_vae(cfg, components, local_rank=0, run_components=tmp_path / "run" / "components") == {}
-    )
-    one, two = saved.vae.state_dict(), components.vae.state_dict()
-    assert all(torch.equal(one[k], two[k]) for k in one)
-    assert components.vae.config.scaling_factor == 0.5 and not demo_vae_dir(cfg).exists()
+    cfg = _demo_config(tmp_path, "model.demo_vae_steps=10")
+    (tmp_path / "run" / "components" / "vae").mkdir(parents=True)
+    (tmp_path / "run" / "components" / "vae" / "config.json").write_text("{}")
+    assert _ensure(cfg, tmp_path / "run") == tmp_path / "run" / "components"
+    assert not demo_components_dir(cfg).exists()
 
 
-def test_ensure_is_a_no_op_when_disabled_or_pretrained(tmp_path, monkeypatch):
-    cfg = _demo_config(tmp_path)
-    components = tiny_components(RES, seed=cfg.run.seed)
-    before = components.vae
-    monkeypatch.setattr(cfg.model, "demo_vae_steps", 0, raising=False)
-    assert ensure_demo_vae(cfg, components, local_rank=0) is None
-    monkeypatch.setattr(cfg.model, "demo_vae_steps", 10, raising=False)
-    monkeypatch.setattr(cfg.model, "pretrained", "/some/folder")
-    assert ensure_demo_vae(cfg, components, local_rank=0) is None
-    assert components.vae is before
+@pytest.mark.parametrize(
+    "override", ["model.demo_vae_steps=0", "model.pretrained=/some/folder", "model.components=/x"]
+)
+def test_ensure_is_a_no_op_when_disabled_or_components_are_given(tmp_path, override):
+    assert _ensure(_demo_config(tmp_path, "model.demo_vae_steps=10", override), tmp_path / "run") is None
 
 
-def test_ensure_without_renders_names_the_folder(tmp_path, monkeypatch):
-    cfg = _demo_config(tmp_path)
-    monkeypatch.setattr(cfg.model, "demo_vae_steps", 10, raising=False)
+def test_ensure_without_renders_names_the_folder(tmp_path):
+    cfg = _demo_config(tmp_path, "model.demo_vae_steps=10")
     with pytest.raises(DemoVAEError, match="renders"):
-        ensure_demo_vae(cfg, tiny_components(RES), local_rank=0, log=lambda _: None)
+        _ensure(cfg, tmp_path / "run")
+
+
+def test_prepare_demo_returns_an_ordinary_config(tmp_path, samples, monkeypatch):
+    """The engine sees the demo as data.shards + model.components; a config with its own shards is untouched."""
+    cfg = _demo_config(tmp_path, "model.demo_vae_steps=2", "data.workers=1", f"run.dir={tmp_path / 'run'}")
+    import engine.demo as demo
+
+    monkeypatch.setattr(demo, "ensure_demo_shards", lambda cfg, local_rank: tmp_path / "manifest.json")
+    monkeypatch.setattr(demo, "check_data", lambda cfg, world_size: (1, []))
+    monkeypatch.setattr(demo, "ensure_demo_components", lambda cfg, **kw: tmp_path / "parts")
+    prepared = prepare_demo(cfg, local_rank=0, world_size=1, device=torch.device("cpu"))
+    assert prepared.data.shards == str(tmp_path / "manifest.json")
+    assert prepared.model.components == str(tmp_path / "parts")
+    assert prepared.source_of("data.shards").startswith("demo") and not cfg.data.shards
+    assert prepare_demo(prepared, local_rank=0, world_size=1, device=torch.device("cpu")) is prepared

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from engine.distributed import init_distributed
-from engine.export import run_weights
 from engine.objective import choose_normal_domain
 from engine.randomness import object_generators
+from engine.sources import run_weights
 from tests.engine.fixed_batch import fixed_batch_run, global_batch, tiny_config
 from tests.engine.runs import train
 

@@ -1,6 +1,7 @@
 """Logging facade and throughput numbers: identity from env or config, crash-safe metrics.jsonl, MFU."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,16 @@ from engine.throughput import Throughput
 from engine.tracking import Tracker, wandb_identity
 from modeling.flops import unet_train_flops
 from modeling.unet_mv import tiny_unet_config
+from tests.engine.runs import train
+
+
+def strict_records(path) -> list[dict]:
+    """Every line of a metrics.jsonl, parsed as strict JSON (NaN / Infinity are not JSON)."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{path}: non-JSON constant {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 def test_wandb_identity_comes_from_env_first_then_config(monkeypatch):
@@ -58,3 +69,29 @@ def test_throughput_rates_and_mfu():
     flops = unet_train_flops(unet_config, images, cfg.data.resolution // 8)
     assert out["mfu_pct"] == pytest.approx(100 * flops / 2.0 / (2 * 1e12))
     assert "mfu_pct" not in Throughput(load_config(), info, unet_config).metrics({"loss": 0.1}, 1.0, lr=0)
+
+
+def test_metrics_jsonl_leaves_non_finite_values_out_and_names_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracker = Tracker(load_config(None, ["logging.tensorboard=false"]), tmp_path, is_main=True, start_step=0,
+                      total_steps=1)  # fmt: skip
+    tracker.log(1, {"loss": math.nan, "loss_color": 0.5, "grad_norm": math.inf})
+    tracker.close()
+    (record,) = strict_records(tmp_path / "metrics.jsonl")
+    assert record["loss_color"] == 0.5 and "loss" not in record and "grad_norm" not in record
+    assert record["nonfinite"] == ["grad_norm", "loss"], "a diverged value must stay visible"
+
+
+@pytest.mark.slow
+def test_stage1_mix_mode_logs_only_the_domains_it_trained(tmp_path, demo_cache):
+    run_dir = tmp_path / "stage1"
+    # One object per step: each step trains exactly one domain (a fair coin per object).
+    train(
+        run_dir, demo_cache, "data.mode=mix", "model.cd_attention_mid=false", "train.micro_batch_size=1",
+        "run.max_steps=6", "checkpoint.every=6",
+    )  # fmt: skip
+    records = [r for r in strict_records(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    domains = [tuple(k for k in ("loss_normal", "loss_color") if k in r) for r in records]
+    assert all(len(d) == 1 for d in domains), f"each step logs only the domain it trained: {domains}"
+    assert all("nonfinite" not in r for r in records)

@@ -21,7 +21,8 @@ def test_tiny_model_overfits_one_fixed_batch():
     run = fixed_batch_run(cfg, info)
     losses = train_steps(run, global_batch(1), steps=60, same_noise=True)
     print("overfit curve:", [round(x, 4) for x in losses[::10]], round(losses[-1], 4))
-    assert losses[-1] < losses[0] / 5, f"loss fell only {losses[0]:.4f} -> {losses[-1]:.4f}"
+    # Observed: 1.225 -> 0.0003 (about 4000×) in 60 steps; bound 200×, so a much weaker fit still fails.
+    assert losses[-1] < losses[0] / 200, f"loss fell only {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 def _weights(nproc: int, out) -> tuple[dict, list[float]]:
@@ -45,16 +46,21 @@ def _weights(nproc: int, out) -> tuple[dict, list[float]]:
 def test_two_rank_zero2_equals_one_rank(tmp_path):
     one, losses_one = _weights(1, tmp_path / "one.safetensors")
     two, losses_two = _weights(2, tmp_path / "two.safetensors")
-    assert losses_one == pytest.approx(losses_two, rel=1e-5, abs=1e-6)
+    loss_gap = max(abs(a - b) / abs(a) for a, b in zip(losses_one, losses_two, strict=True))
     assert one.keys() == two.keys()
     start = fixed_start_weights()
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    print(f"max weight change {moved:.3e}, max 1-vs-2-rank difference {worst:.3e}")
+    print(
+        f"losses differ by {loss_gap:.2e} (relative); max weight change {moved:.3e}, 1-vs-2-rank {worst:.3e}"
+    )
+    # Observed (CPU, fp32): 1.3e-7 relative (float32 summation order); bound 5e-7, about 4× that.
+    assert loss_gap < 5e-7, f"losses differ: {losses_one} vs {losses_two}"
     assert moved > 1e-4, "training did not change the weights, so the comparison proves nothing"
     # Summation order differs between 1 and 2 ranks; Adam's normalised update turns float noise in tiny
     # gradients into small weight differences, so compare against how far the weights moved.
-    assert worst < 0.05 * moved, f"weights differ by up to {worst} (moved {moved})"
+    # Observed: 1.40e-4 of 3.01e-2 moved (0.47 %); bound 1 %, about 2× the observed ratio.
+    assert worst < 0.01 * moved, f"weights differ by up to {worst} (moved {moved})"
 
 
 def fixed_start_weights() -> dict:

@@ -1,4 +1,4 @@
-"""The embedded default dataset: synthetic objects rendered and sharded on first use, cached on disk."""
+"""The demo's dataset: synthetic objects rendered and sharded on first use, cached on disk."""
 
 import os
 import shutil
@@ -16,6 +16,7 @@ FORMAT_VERSION = 1  # bump when the renderer or shard format changes, so stale c
 
 
 def demo_shards_dir(cfg: RunConfig) -> Path:
+    """Cache folder of the demo dataset (renders/, shards/, the fitted components), keyed by its settings."""
     d = cfg.data
     name = f"synth-v{FORMAT_VERSION}-n{d.demo_objects}-r{d.resolution}-s{cfg.run.seed}"
     return Path(d.demo_cache).expanduser() / name
@@ -39,8 +40,8 @@ def build_then_publish(final: Path, build: Callable[[Path], None]) -> None:
 def ensure_demo_shards(cfg: RunConfig, *, local_rank: int, log=print) -> Path:
     """Return the demo ``manifest.json``, rendering and converting it first if no cache exists (collective).
 
-    One process per node builds it into a private temporary folder and renames it into place, so nodes that
-    share a filesystem never see a half-written cache.
+    One process per node builds it into a private temporary folder and renames it into place; the other
+    processes wait at a barrier.
     """
     final = demo_shards_dir(cfg)
     manifest = final / "shards" / "manifest.json"

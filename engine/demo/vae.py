@@ -1,16 +1,15 @@
 """Fit the tiny demo VAE to the synthetic renders once, so the CPU demo learns a meaningful latent space.
 
 A randomly initialised AutoencoderKL decodes anything to noise, so a diffusion model trained in its latent
-space can never show a recognisable validation grid. For runs without ``model.pretrained`` we train the tiny
+space can never show a recognisable validation grid. For the demo (no ``model.pretrained``) we train the tiny
 VAE as an autoencoder on the demo's own color and normal views (composited on white, black and gray, exactly
 as ``datapipes.transform`` prepares training images), set ``scaling_factor`` so scaled latents have about
-unit standard deviation (Stable Diffusion's 0.18215 plays the same role), and cache the result next to the
-demo shards.
+unit standard deviation (Stable Diffusion's 0.18215 plays the same role), and cache the tiny components with
+that VAE as an ordinary components folder next to the demo shards.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -29,10 +28,10 @@ from datapipes.render_folder import list_objects, read_sample, resolve_layout
 from datapipes.sample import MultiViewSample
 from datapipes.transform import BACKGROUNDS, composite, resize_rgba
 from engine.config import RunConfig
-from engine.demo_data import build_then_publish, demo_shards_dir
-from modeling.components import Components
+from engine.demo.data import build_then_publish, demo_shards_dir
+from modeling.components import save_components, tiny_components
 
-VAE_FORMAT_VERSION = 1  # bump when the fitting recipe changes, so stale cached VAEs are not reused
+VAE_FORMAT_VERSION = 2  # bump when the fitting recipe changes, so stale cached VAEs are not reused
 DEFAULT_STEPS = 1000
 DEFAULT_LR = 5e-3
 DEFAULT_BATCH = 8
@@ -51,7 +50,7 @@ class DemoVAEError(RuntimeError):
 def demo_images(source: str | Path | Sequence[MultiViewSample], resolution: int) -> torch.Tensor:
     """Every color and normal view of every object, on white, black and gray, in [-1, 1].
 
-    source: a render folder (render-script layout, what ``engine.demo_data`` writes under ``renders/``) or
+    source: a render folder (render-script layout, what ``engine.demo.data`` writes under ``renders/``) or
     decoded samples. Prepared like ``datapipes.transform.make_example`` prepares training targets: resized
     to ``resolution``, normals rotated into the condition camera frame, alpha-composited on the background.
     Returns float32 [N, 3, resolution, resolution], N = objects * 3 backgrounds * 2 domains * views.
@@ -210,72 +209,66 @@ def demo_vae_settings(cfg: RunConfig) -> tuple[int, float, int]:
     return m.demo_vae_steps, m.demo_vae_lr, m.demo_vae_batch_size
 
 
-def demo_vae_dir(cfg: RunConfig) -> Path:
-    """Cache folder of the fitted VAE: inside the demo dataset folder, keyed by recipe and settings."""
+def demo_components_dir(cfg: RunConfig) -> Path:
+    """Cache folder of the tiny components with the fitted VAE, inside the demo dataset folder, keyed by the
+    fitting recipe and every setting the tiny components are built from."""
     steps, lr, batch_size = demo_vae_settings(cfg)
-    return demo_shards_dir(cfg) / f"vae-v{VAE_FORMAT_VERSION}-steps{steps}-lr{lr:g}-b{batch_size}"
+    name = f"components-v{VAE_FORMAT_VERSION}-steps{steps}-lr{lr:g}-b{batch_size}-c{cfg.model.cross_attention_dim}"
+    return demo_shards_dir(cfg) / name
 
 
-def ensure_demo_vae(
+def ensure_demo_components(
     cfg: RunConfig,
-    components: Components,
     *,
     local_rank: int,
-    run_components: str | Path | None = None,
+    run_components: str | Path,
+    device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
-) -> dict | None:
-    """Swap ``components.vae`` for the VAE fitted to the demo renders; fits it on first use (collective).
+) -> Path | None:
+    """The components folder (vae/ image_encoder/ scheduler/ feature_extractor/) a demo run should use, with
+    its VAE fitted to the demo renders; fits it on first use (collective).
 
-    Does nothing (returns None) for ``model.pretrained`` runs, runs on user shards (``data.shards`` set: no
-    demo renders to fit to) and ``model.demo_vae_steps=0``. Needs ``ensure_demo_shards`` to have run (it
-    writes the renders). If ``run_components/vae`` exists (a resumed run) that VAE is loaded instead: the
-    UNet was trained in its latent space. Otherwise local rank 0 fits the VAE already in ``components`` (the
-    seeded tiny init; the global RNG is not used) and saves it (safetensors) into a private temporary folder
-    renamed into place, so nodes never see a half-written cache; then every rank loads it, frozen, in eval
-    mode, on the old VAE's device and dtype. Returns the fit stats when this call fitted, else {}.
+    None (the run builds its own) when ``model.pretrained`` or ``model.components`` is set or
+    ``model.demo_vae_steps=0``. ``run_components`` (a resumed run's own folder) wins when it holds a VAE: the
+    UNet was trained in that latent space. Otherwise local rank 0 fits the seeded tiny VAE (the global RNG is
+    not used) and publishes the folder (safetensors) by renaming a private temporary folder, so nodes never
+    see a half-written cache; the other processes wait at a barrier. Needs the demo renders
+    (``ensure_demo_shards``).
     """
     steps, lr, batch_size = demo_vae_settings(cfg)
-    if cfg.model.pretrained or cfg.data.shards or steps <= 0:
+    if cfg.model.pretrained or cfg.model.components or steps <= 0:
         return None
-    run_vae = Path(run_components) / "vae" if run_components is not None else None
-    source = run_vae if run_vae is not None and (run_vae / "config.json").is_file() else demo_vae_dir(cfg)
-    stats: dict = {}
-    if local_rank == 0 and not (source / "config.json").is_file():
-        stats = _fit_and_save(cfg, components.vae, source, steps=steps, lr=lr, batch_size=batch_size, log=log)
+    run_components = Path(run_components)
+    folder = (
+        run_components if (run_components / "vae" / "config.json").is_file() else demo_components_dir(cfg)
+    )
+    if local_rank == 0 and not (folder / "vae" / "config.json").is_file():
+        _fit_and_save(cfg, folder, steps=steps, lr=lr, batch_size=batch_size, device=device, log=log)
     if dist.is_initialized():
         dist.barrier()  # on every path: ranks that see different folders must not deadlock
-    parameter = next(components.vae.parameters())
-    components.vae = load_demo_vae(source, parameter.device, parameter.dtype)
-    return stats
+    return folder
 
 
 def _fit_and_save(
-    cfg: RunConfig, vae: AutoencoderKL, final: Path, *, steps: int, lr: float, batch_size: int, log
+    cfg: RunConfig, final: Path, *, steps: int, lr: float, batch_size: int, device, log
 ) -> dict:
     renders = demo_shards_dir(cfg) / "renders"
     if not renders.is_dir():
-        raise DemoVAEError(f"no demo renders at {renders}: call ensure_demo_shards before ensure_demo_vae")
+        raise DemoVAEError(
+            f"no demo renders at {renders}: call ensure_demo_shards before ensure_demo_components"
+        )
     log(f"fitting the demo VAE to {renders} ({steps} steps, first use only)")
-    fitted = copy.deepcopy(vae)  # the caller's VAE stays untouched until the cache is loaded
+    # The same seeded tiny parts the run would build itself: only the VAE's weights change.
+    components = tiny_components(cfg.data.resolution, cfg.model.cross_attention_dim, seed=cfg.run.seed)
+    components.vae.to(device)
     stats = fit_demo_vae(
-        fitted, renders, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.run.seed, log=log
+        components.vae, renders, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.run.seed, log=log
     )
+    components.vae.to("cpu")
 
     def save(tmp: Path) -> None:
-        fitted.save_pretrained(tmp, safe_serialization=True)
+        save_components(components, tmp)
         (tmp / FIT_STATS).write_text(json.dumps(stats, indent=1) + "\n")
 
     build_then_publish(final, save)
     return stats
-
-
-def load_demo_vae(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> AutoencoderKL:
-    """Load a cached demo VAE folder (diffusers layout, safetensors), frozen and in eval mode."""
-    try:
-        # low_cpu_mem_usage=False: the plain path (no `accelerate` here; it also warns when missing)
-        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise DemoVAEError(f"cannot load the cached demo VAE from {folder}: {error}") from error
-    return vae.to(device).eval().requires_grad_(False)

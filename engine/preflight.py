@@ -1,0 +1,312 @@
+"""Everything a run needs, checked before any expensive work (demo render, VAE fit, model build, DeepSpeed).
+
+Each problem is a ConfigError naming the key and the file: ``launcher/train.py`` prints it as one line and
+exits 2, before ``torch.distributed`` starts (and ``--check`` runs exactly these checks). ``engine.train.setup``
+runs them again on the final config (the demo's shards exist by then) before it writes anything.
+Only small files are read: model folders' config.json / run_config.yaml, the shard manifest, the checkpoint's
+run_config.yaml and its file listing.
+"""
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datapipes.manifest import ManifestError
+from datapipes.shard_io import ShardInfo, resolve_shards
+from engine.checkpoint import check_same_architecture, find_resume_dir
+from engine.config import ConfigError, RunConfig, load_config
+from modeling.hub import is_hub_id
+
+# Subfolders that modeling.components.load_components reads.
+COMPONENT_DIRS = ("vae", "image_encoder", "scheduler", "feature_extractor")
+MV_UNET_IN_CHANNELS = 8  # noisy latent (4) + condition latent (4)
+
+
+@dataclass
+class Preflight:
+    """What the checks found that the run needs later."""
+
+    resume: tuple[Path, str] | None = None  # (checkpoints root, tag) to resume from
+    val_objects: int | None = None  # objects in the validation split; None = not counted (no manifest)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def validate(self) -> bool:
+        """False only for a validation split known to be empty (allowed with validation.every=0)."""
+        return self.val_objects != 0
+
+
+def check_run(cfg: RunConfig, *, world_size: int) -> Preflight:
+    """Run every check; raise ConfigError on the first problem. Data checks wait for ``data.shards`` (the
+    demo sets it after rendering and calls ``check_data`` itself)."""
+    check_model_folders(cfg)
+    check_run_dir(cfg)
+    result = Preflight()
+    result.resume, result.warnings = check_resume(cfg, world_size=world_size)
+    if cfg.data.shards:
+        result.val_objects, warnings = check_data(cfg, world_size=world_size)
+        result.warnings += warnings
+    return result
+
+
+def _fail(cfg: RunConfig, key: str, message: str) -> ConfigError:
+    return ConfigError(message, key=key, source=cfg.source_of(key))
+
+
+# ------------------------------------------------------------------------------------------ model folders
+
+
+def check_model_folders(cfg: RunConfig) -> None:
+    """model.pretrained / model.unet / model.components exist and fit the run config (their JSON only)."""
+    m = cfg.model
+    if m.pretrained and (folder := _model_folder(cfg, "model.pretrained")) is not None:
+        needed = [] if m.components else list(COMPONENT_DIRS)  # model.components replaces these
+        _require_subfolders(cfg, "model.pretrained", folder, needed + ([] if m.unet else ["unet"]))
+        if not m.unet:
+            config, path = _read_json(cfg, "model.pretrained", folder / "unet" / "config.json")
+            if config.get("in_channels") not in (4, MV_UNET_IN_CHANNELS):
+                raise _fail(
+                    cfg, "model.pretrained", f"{path}: in_channels={config.get('in_channels')}, want 4"
+                )
+    if m.components and (folder := _model_folder(cfg, "model.components")) is not None:
+        _require_subfolders(cfg, "model.components", folder, COMPONENT_DIRS)
+    if m.unet:
+        _check_unet_source(cfg)
+
+
+def hub_model_folder(name: str, key: str) -> Path | None:
+    """Hook for hub ids ("org/name"): the folder modeling.hub resolves (cache first, download when online);
+    its own ConfigError names the key when the id resolves to nothing."""
+    from engine.sources import resolve_pretrained
+
+    return resolve_pretrained(name, key=key)
+
+
+def _model_folder(cfg: RunConfig, key: str) -> Path | None:
+    value = getattr(cfg.model, key.split(".")[1])
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    if is_hub_id(value):
+        try:
+            return hub_model_folder(value, key)
+        except ConfigError as error:  # add where the key was set
+            raise _fail(cfg, key, str(error).removeprefix(f"{key}: ")) from None
+    what = "is not a folder" if path.exists() else "does not exist"
+    raise _fail(cfg, key, f"{value} {what}")
+
+
+def _require_subfolders(cfg: RunConfig, key: str, folder: Path, names) -> None:
+    missing = [name for name in names if not (folder / name).is_dir()]
+    if missing:
+        raise _fail(cfg, key, f"{folder} has no {', '.join(n + '/' for n in missing)} (diffusers layout)")
+
+
+def _read_json(cfg: RunConfig, key: str, path: Path) -> tuple[dict, Path]:
+    try:
+        return json.loads(path.read_text()), path
+    except FileNotFoundError:
+        raise _fail(cfg, key, f"{path} does not exist") from None
+    except (OSError, ValueError) as error:
+        raise _fail(cfg, key, f"cannot read {path}: {error}") from None
+
+
+def _check_unet_source(cfg: RunConfig) -> None:
+    """model.unet: a run dir (its checkpoint's run_config.yaml), a gnn3d export / unet/ folder, or a Wonder3D
+    UNet folder (config.json): views, input channels and cross-domain layers must fit the run config."""
+    folder = _model_folder(cfg, "model.unet")
+    if folder is None:
+        return
+    pointer = folder / "checkpoints" / "latest"
+    if pointer.is_file():
+        saved_path = folder / "checkpoints" / pointer.read_text().strip() / "run_config.yaml"
+        saved = load_config(saved_path)
+        config = {
+            "num_views": saved.model.num_views,
+            "cd_attention_mid": saved.model.cd_attention_mid,
+            "cd_attention_last": saved.model.cd_attention_last,
+        }
+        _check_unet_config(cfg, config, saved_path)
+        return
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise _fail(
+            cfg,
+            "model.unet",
+            f"{folder} has neither config.json nor unet/config.json nor checkpoints/latest "
+            "(want a gnn3d export, its unet/, a Wonder3D UNet folder or a run dir)",
+        )
+    config, path = _read_json(cfg, "model.unet", unet_dir / "config.json")
+    _check_unet_config(cfg, config, path)
+
+
+def _check_unet_config(cfg: RunConfig, config: dict, path: Path) -> None:
+    views = config.get("num_views")
+    if views is not None and views != cfg.model.num_views:
+        raise _fail(
+            cfg,
+            "model.num_views",
+            f"{cfg.model.num_views}, but the model.unet UNet {path} has num_views={views}; set "
+            f"model.num_views={views} (and data.views to match) or use another UNet",
+        )
+    channels = config.get("in_channels", MV_UNET_IN_CHANNELS)
+    if channels != MV_UNET_IN_CHANNELS:
+        raise _fail(
+            cfg,
+            "model.unet",
+            f"{path} has in_channels={channels}, a multi-view UNet has {MV_UNET_IN_CHANNELS} (noisy + "
+            "condition latent); start a 2D UNet through model.pretrained instead",
+        )
+    for flag in ("cd_attention_mid", "cd_attention_last"):  # adding cross-domain layers is fine, not dropping
+        if config.get(flag) and not getattr(cfg.model, flag):
+            raise _fail(
+                cfg,
+                f"model.{flag}",
+                f"false, but the model.unet UNet {path} has {flag}=true (its trained layers would be "
+                f"dropped); set model.{flag}=true",
+            )
+
+
+# --------------------------------------------------------------------------------------------- run dir
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """run.dir is (or can be created as) a writable folder."""
+    run_dir = Path(cfg.run.dir).expanduser()
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _fail(cfg, "run.dir", f"{existing} is not a folder, so {run_dir} cannot be created there")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise _fail(cfg, "run.dir", f"{existing} is not writable ({error.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+
+def check_resume(cfg: RunConfig, *, world_size: int) -> tuple[tuple[Path, str] | None, list[str]]:
+    """(the checkpoint ``run.resume`` names or None, warnings); refuses one this run cannot continue bit-exact.
+
+    Refused (one line, before the checkpoint is loaded): another architecture, another number of ranks, a
+    changed micro-batch, data.workers or seed (the saved data position depends on them; elastic resume is not
+    supported yet), and a changed train.grad_accum unless ``run.allow_batch_change``.
+    """
+    found = find_resume_dir(cfg.run.resume, Path(cfg.run.dir))
+    if found is None:
+        return None, []
+    saved_path = found[0] / found[1] / "run_config.yaml"
+    if not saved_path.is_file():
+        raise _fail(cfg, "run.resume", f"{saved_path} is missing: not a complete gnn3d checkpoint")
+    saved = load_config(saved_path)
+    check_same_architecture(saved, cfg, source=str(saved_path))
+    ranks = len(list(saved_path.parent.glob("gnn3d_rank*.pt")))
+    if ranks != world_size:
+        raise _fail(
+            cfg,
+            "run.resume",
+            f"{saved_path.parent} was written by {ranks} ranks but this run has {world_size}. ZeRO optimizer "
+            "partitions need the same data-parallel size: resume with the same number of processes, or start "
+            "fresh from the weights (model.unet=<this run dir>)",
+        )
+    for key, before, now in _stream_settings(saved, cfg):
+        if before != now:
+            raise _fail(
+                cfg,
+                key,
+                f"{now}, but the checkpoint {saved_path} ran with {before}; its saved data position depends on "
+                "it (resuming with another micro-batch, worker count or seed is not supported yet). Set it "
+                "back, or start a new run.dir (model.unet=<this run dir> starts from its weights)",
+            )
+    if saved.train.grad_accum == cfg.train.grad_accum:
+        return found, []
+    per_step = cfg.train.micro_batch_size * world_size
+    change = (
+        f"the checkpoint {saved_path} ran with train.grad_accum={saved.train.grad_accum}: the global batch "
+        f"changes from {per_step * saved.train.grad_accum} to {per_step * cfg.train.grad_accum} objects"
+    )
+    if not cfg.run.allow_batch_change:
+        raise _fail(
+            cfg,
+            "train.grad_accum",
+            f"{cfg.train.grad_accum}, but {change}. Set it back, or run.allow_batch_change=true",
+        )
+    return found, [f"run.allow_batch_change: {change}"]
+
+
+def _stream_settings(saved: RunConfig, cfg: RunConfig):
+    """(key, checkpoint value, run value) of the settings the saved data position depends on."""
+    yield "train.micro_batch_size", saved.train.micro_batch_size, cfg.train.micro_batch_size
+    # 0 workers and 1 worker read the same stream (one logical worker)
+    yield "data.workers", max(1, saved.data.workers), max(1, cfg.data.workers)
+    yield "run.seed", saved.run.seed, cfg.run.seed
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def check_data(cfg: RunConfig, *, world_size: int) -> tuple[int | None, list[str]]:
+    """Shards exist and can feed every rank's workers; the validation split fits ``validation.*``.
+
+    Returns (objects in the validation split or None when not counted, warnings).
+    """
+    train = _local_shards(cfg, "data.shards", cfg.data.shards, "train")
+    workers = max(1, cfg.data.workers)
+    where = _spec_file(cfg.data.shards)
+    if len(train) < world_size * workers:
+        most = len(train) // world_size
+        fix = f"set data.workers={most}" if most else "convert with a smaller --samples-per-shard"
+        raise ConfigError(
+            f"{len(train)} training shards cannot feed {world_size} rank(s) x {workers} worker(s) (each reads "
+            f"whole shards); {fix}",
+            key="data.workers",
+            source=where,
+        )
+    val_key = "data.val_shards" if cfg.data.val_shards else "data.shards"
+    val = _local_shards(cfg, val_key, cfg.data.val_shards or cfg.data.shards, "val")
+    counts = [s.samples for s in val]
+    if None in counts:
+        return None, []
+    objects, where = sum(counts), _spec_file(cfg.data.val_shards or cfg.data.shards)
+    if objects == 0:
+        if cfg.validation.every:
+            raise ConfigError(
+                "the validation split holds no objects; set data.val_shards to held-out shards, convert with a "
+                "larger --val-fraction, or set validation.every=0 to train without validation",
+                key=val_key,
+                source=where,
+            )
+        return 0, [f"{where}: the validation split holds no objects: validation is off for this run"]
+    if cfg.validation.num_objects > objects:
+        raise ConfigError(
+            f"{cfg.validation.num_objects} (set by {cfg.source_of('validation.num_objects')}), but the validation "
+            f"split holds {objects} object(s); set validation.num_objects <= {objects}",
+            key="validation.num_objects",
+            source=where,
+        )
+    return objects, []
+
+
+def _spec_file(spec: str) -> str:
+    path = Path(spec)
+    return str(path / "manifest.json") if path.is_dir() else spec
+
+
+def _local_shards(cfg: RunConfig, key: str, spec: str, split: str) -> list[ShardInfo]:
+    """The shards of ``spec``; every local one must exist (URLs like pipe: or s3:// are taken as given)."""
+    try:
+        shards = resolve_shards(spec, split)
+    except (ManifestError, OSError) as error:
+        raise _fail(cfg, key, str(error)) from None
+    for shard in shards:
+        if not _is_url(shard.url) and not Path(shard.url).is_file():
+            raise _fail(cfg, key, f"shard {shard.url} (listed by {_spec_file(spec)}) does not exist")
+    return shards
+
+
+def _is_url(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
