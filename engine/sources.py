@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import checkpoint_root, read_latest
 from engine.config import ConfigError, RunConfig, load_config
+from engine.safe_load import check_checkpoint_dir, only_allowed_types
 from modeling.hub import ModelNotFoundError, resolve_model_folder
 
 
@@ -40,8 +41,8 @@ def run_weights(
 ) -> tuple[RunConfig, dict[str, torch.Tensor], str]:
     """(saved run config, fp32 UNet state dict, tag) of a run's checkpoint (newest unless ``tag``).
 
-    DeepSpeed's fp32 master weights (its zero_to_fp32 reader), overlaid with the EMA weights when the run kept
-    an EMA and ``use_ema``.
+    DeepSpeed's fp32 master weights (its zero_to_fp32 reader, its pickles read only through
+    ``engine.safe_load``), overlaid with the EMA weights when the run kept an EMA and ``use_ema``.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # slow import
 
@@ -50,7 +51,9 @@ def run_weights(
     if tag is None or not (root / tag).is_dir():
         raise ConfigError(f"no checkpoint in {root} (train first, or pass --tag)", source=str(run_dir))
     cfg = load_config(root / tag / "run_config.yaml")
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    check_checkpoint_dir(root / tag)
+    with only_allowed_types():  # zero_to_fp32 unpickles with weights_only=False: no code runs from its files
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     ema_path = root / tag / "ema.safetensors"
     if use_ema and ema_path.is_file():
         weights.update(load_file(ema_path))

@@ -25,6 +25,7 @@ from PIL import Image
 
 from datapipes.cameras import camera_embedding, reference_rig
 from datapipes.sample import COND_VIEW, VIEW_NAMES
+from engine.safe_load import UntrustedCheckpointError, check_model_folder
 from modeling.components import ModelFolderError
 from modeling.pipeline import SCHEDULERS, MVDiffusionPipeline, view_grid
 from modeling.preprocess import load_rgba, preprocess_image
@@ -109,8 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     views = parse_views(args.views)
     start = time.perf_counter()
     try:
+        if Path(args.model).is_dir():  # a hub id resolves to the HF cache, loaded with weights_only=True
+            check_model_folder(args.model)
         pipe = MVDiffusionPipeline.from_pretrained(args.model, scheduler=args.scheduler)
-    except ModelFolderError as error:  # a bad folder is the user's to fix: one line, no traceback
+    except (ModelFolderError, UntrustedCheckpointError) as error:
+        # A bad or tampered folder is the user's to fix: one line, no traceback.
         print(f"--model: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     pipe.to(args.device, DTYPES[args.dtype])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,7 +94,13 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
         return load_file(folder / SAFETENSORS_NAME)
     if (folder / BIN_NAME).is_file():
         # weights_only: never unpickle arbitrary objects from a downloaded checkpoint
-        return torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # what weights_only raises for a disallowed global
+            first_line = str(err).strip().splitlines()[0]
+            raise WeightsError(
+                f"{folder / BIN_NAME}: refused to load (not plain tensors): {first_line}"
+            ) from None
     raise WeightsError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {folder}")
 
 

@@ -93,6 +93,25 @@ def test_wonder3d_checkpoint_with_a_bad_key_is_refused(tmp_path: Path, change: s
         MVUNet.from_pretrained(tmp_path)
 
 
+class _Payload:
+    """Unpickled without weights_only, this would write ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('payload ran')",)
+
+
+def test_a_pickled_payload_in_a_bin_is_a_weights_error(tmp_path: Path) -> None:
+    weights = write_wonder3d_unet(tmp_path)
+    marker = tmp_path / "marker"
+    torch.save({**weights, "payload": _Payload(marker)}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.bin: refused to load"):
+        MVUNet.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
 def test_unknown_override_key_is_refused(tmp_path: Path) -> None:
     write_wonder3d_unet(tmp_path)
     with pytest.raises(WeightsError, match="low_cpu_mem_usage"):
