@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers==0.0.35"],  # CUDA only (built against torch 2.13); SDPA is used elsewhere
-        "test": ["pytest>=8", "ruff>=0.6"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
     },
 )

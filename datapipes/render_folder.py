@@ -195,7 +195,9 @@ def check_pose(matrix: np.ndarray, object_id: str, key: str, source: str) -> Non
     if not np.all(np.isfinite(matrix)):
         raise SampleError(object_id, key, "RT matrix contains NaN or inf", source)
     rotation = matrix[:, :3]
-    if not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-3):
+    with np.errstate(over="ignore", invalid="ignore"):  # huge finite entries: inf in R R^T, refused below
+        orthonormal = np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-3)
+    if not orthonormal:
         raise SampleError(object_id, key, "RT rotation is not orthonormal (R R^T != I)", source)
 
 
@@ -287,7 +289,7 @@ def parse_cameras_json(data: bytes, object_id: str, source: str) -> dict[str, An
     """Parse and check a ``cameras.json`` member; raises SampleError on anything malformed."""
     try:
         record = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: "[[[[..." nesting
         raise SampleError(object_id, CAMERAS_KEY, f"not strict JSON: {error}", source) from error
     required = ("format", "object_id", "layout", "view_names", "cond_view", "w2c")
     missing = [key for key in required if not isinstance(record, dict) or key not in record]
@@ -295,9 +297,39 @@ def parse_cameras_json(data: bytes, object_id: str, source: str) -> dict[str, An
         raise SampleError(object_id, CAMERAS_KEY, f"missing fields {missing}", source)
     if record["format"] != CAMERAS_FORMAT or record["layout"] not in LAYOUTS:
         raise SampleError(
-            object_id, CAMERAS_KEY, f"unknown format/layout {record['format']}/{record['layout']}", source
+            object_id, CAMERAS_KEY, f"unknown format/layout {record['format']!r}/{record['layout']!r}", source
         )
+    problem = _record_field_problem(record)
+    if problem:
+        raise SampleError(object_id, CAMERAS_KEY, problem, source)
     return record
+
+
+def _utf8_name(value: Any) -> bool:
+    """A non-empty str that encodes to UTF-8 (JSON allows lone surrogates like "\\ud800"; ids are hashed)."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _record_field_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a camera record's fields (the decoder indexes and hashes them)."""
+    names = record["view_names"]
+    if not _utf8_name(record["object_id"]):
+        return f"object_id must be a non-empty UTF-8 string, got {record['object_id']!r}"
+    if not isinstance(names, list) or not names or not all(_utf8_name(name) for name in names):
+        return f"view_names must be a non-empty list of names, got {names!r}"
+    if len(set(names)) != len(names):
+        return f"view_names repeat a view: {names}"
+    if not _utf8_name(record["cond_view"]):
+        return f"cond_view must be a view name, got {record['cond_view']!r}"
+    if not isinstance(record["w2c"], dict):
+        return f"w2c must map view names to 3x4 matrices, got {type(record['w2c']).__name__}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -308,7 +340,12 @@ def _decode(files: dict[str, bytes], kind: str, view: str, raw: RawObject, mode:
     if not matches:
         raise SampleError(raw.object_id, f"{kind}_{view}", "missing member", raw.source)
     image = probe_image(files[matches[0]], raw.object_id, matches[0], raw.source)
-    return np.asarray(image.convert(mode))
+    try:
+        return np.asarray(image.convert(mode))
+    except (ValueError, OSError) as error:  # a mode PIL cannot convert (untrusted bytes pick the mode)
+        raise SampleError(
+            raw.object_id, matches[0], f"cannot convert {image.mode} to {mode}: {error}", raw.source
+        ) from error
 
 
 def _decode_view(raw: RawObject, view: str) -> tuple[np.ndarray, np.ndarray]:
@@ -362,7 +399,7 @@ def _poses_from_record(raw: RawObject, views: tuple[str, ...]) -> np.ndarray:
     for view in views:
         try:
             matrix = np.asarray(raw.cameras["w2c"][view], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # Overflow: ints beyond float64
             raise SampleError(raw.object_id, f"w2c.{view}", f"bad pose entry: {error}", raw.source) from error
         if matrix.shape != (3, 4):
             raise SampleError(

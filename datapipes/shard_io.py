@@ -37,12 +37,18 @@ class ShardInfo:
 
 @dataclass
 class ShardEntry:
-    """One sample's members as read from a tar (bytes, undecoded) or the read error that ended the shard."""
+    """One sample's members as read from a tar (bytes, undecoded) or the read error that ended the shard.
+
+    lost: for an error entry, the samples of the shard it stands for (the shard's remaining samples when
+    its count is known, see `entries_of`; else 1, the sample being read). A sample entry stands for itself.
+    """
 
     url: str
     key: str
     members: dict[str, bytes]
     error: SampleError | None = None
+    lost: int = 1
+    lost_exact: bool = False  # `lost` comes from the shard's known sample count
 
 
 def _expand(pattern: str, base: Path | None) -> list[str]:
@@ -133,6 +139,27 @@ def iter_shard_entries(url: str) -> Iterator[ShardEntry]:
         return
     if key is not None:
         yield ShardEntry(url, key, members)
+
+
+def entries_of(shard: ShardInfo) -> list[ShardEntry]:
+    """All entries of one shard; a read error's entry says how many samples it cost (``lost``).
+
+    With a known sample count (a manifest) that is the count minus the complete samples read before the
+    error (0 when only the tar's end was damaged), so the loss is counted exactly. Python's tarfile reads a
+    tar cut at a header boundary as a shorter, valid archive; the count shows it, and an error entry for
+    the missing samples is added.
+    """
+    entries = list(iter_shard_entries(shard.url))
+    if shard.samples is None:
+        return entries
+    if entries and entries[-1].error is not None:
+        entries[-1].lost, entries[-1].lost_exact = max(0, shard.samples - (len(entries) - 1)), True
+    elif len(entries) < shard.samples:
+        last = entries[-1].key if entries else "<start of shard>"
+        problem = f"cannot read shard: it ends after {len(entries)} of {shard.samples} samples (truncated?)"
+        error = SampleError(last, "tar", problem, shard.url)
+        entries.append(ShardEntry(shard.url, last, {}, error, shard.samples - len(entries), True))
+    return entries
 
 
 def raw_from_entry(entry: ShardEntry) -> RawObject:

@@ -39,9 +39,15 @@ Resume needs the same world size, workers, batch size and seed (else `StreamStat
 the URL list must be the same too. Memory: each worker holds one shuffle block of encoded samples
 (``shuffle_buffer`` samples, rounded up to whole shards).
 
-Bad samples: ``bad_sample="skip"`` warns, counts (`ResumableLoader.bad_samples`) and continues;
-``"raise"`` raises SampleError naming shard, object and key. A truncated or corrupt tar loses the rest of
-that shard (counted as one bad sample) and the stream goes on with the next shard.
+Bad data: ``bad_sample="skip"`` counts, records and continues; ``"raise"`` raises SampleError naming
+shard, object and key (in the main process, with its own type: a worker hands it over with its batches).
+A shard that cannot be read (deleted, truncated, corrupt tar) is a bad shard: the rest of it is lost and
+counted as that many bad samples when the manifest gives its count (else as one, "at least"), and the
+stream goes on with the next shard. The counts reach the main process with each batch, so they cover
+exactly the batches handed out (`ResumableLoader.bad_samples`, `.bad_shards`, `.samples` good ones) and
+`ResumableLoader.skipped` lists every skip (shard, object, member key, reason, samples lost, data epoch);
+all of it is part of `state_dict()`, so the numbers stay cumulative over resumes. The main process warns
+once per skip. The engine sums the counts over ranks, logs them and stops above ``data.max_bad_fraction``.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from datapipes.shard_io import (
     ShardEntry,
     ShardInfo,
     count_samples,
+    entries_of,
     iter_shard_entries,
     raw_from_entry,
     resolve_shards,
@@ -89,23 +96,57 @@ def decode_entry(entry: ShardEntry, opts: TransformOptions, seed: int, epoch: in
     return make_example(sample, opts, example_rng(seed, epoch, sample.object_id))
 
 
-class _BadSamples:
-    """Applies the bad-sample policy: raise, or warn and count."""
+def skip_record(error: SampleError, entry: ShardEntry, epoch: int) -> dict[str, Any]:
+    """What was skipped, where and why (JSON-able): one line of the run's data report."""
+    unreadable = entry.error is not None
+    return {
+        "kind": "shard" if unreadable else "sample",  # shard: the tar could not be read on from here
+        "shard": entry.url,
+        "object": error.object_id,
+        "key": error.key,
+        "reason": error.problem,
+        "lost": entry.lost if unreadable else 1,
+        "exact": entry.lost_exact if unreadable else True,
+        "epoch": epoch,
+    }
 
-    def __init__(self, policy: str) -> None:
+
+def describe_skip(record: dict[str, Any]) -> str:
+    """One line for a skip record (the warning the main process prints)."""
+    if record["kind"] == "sample":
+        where = f"object {record['object']!r} in {record['shard']}: key {record['key']!r}"
+        return f"skipping bad sample: {where}: {record['reason']} (data epoch {record['epoch']})"
+    lost = f"{record['lost']} samples lost" + ("" if record["exact"] else " (at least; shard count unknown)")
+    return (
+        f"skipping bad samples: shard {record['shard']} unreadable from {record['object']!r} on: "
+        f"{record['reason']}; {lost} (data epoch {record['epoch']})"
+    )
+
+
+class _BadSamples:
+    """Applies the bad-sample policy: raise, or count and record the skip (`skip_record`)."""
+
+    def __init__(self, policy: str, warn: bool = False) -> None:
         if policy not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {policy!r}")
-        self.policy, self.count = policy, 0
+        self.policy, self.warn = policy, warn
+        self.samples, self.shards, self.records = 0, 0, []
 
-    def handle(self, error: SampleError) -> None:
+    def handle(self, error: SampleError, entry: ShardEntry, epoch: int = 0) -> None:
         if self.policy == "raise":
             raise error
-        self.count += 1
-        warnings.warn(f"skipping bad sample: {error}", stacklevel=2)
+        record = skip_record(error, entry, epoch)
+        self.samples += record["lost"]
+        self.shards += record["kind"] == "shard"
+        self.records.append(record)
+        if self.warn:
+            warnings.warn(describe_skip(record), stacklevel=2)
 
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
+    def take(self) -> dict[str, Any]:
+        """The counts and records since the last take (they travel with the next batch)."""
+        taken = {"bad": self.samples, "bad_shards": self.shards, "skipped": self.records}
+        self.samples, self.shards, self.records = 0, 0, []
+        return taken
 
 
 class ShardStream(IterableDataset):
@@ -145,7 +186,12 @@ class ShardStream(IterableDataset):
         worker_id = info.id if info is not None else 0
         # After n consumed batches the DataLoader's first batch must come from logical worker n % W.
         logical = (worker_id + self.state.batches) % self.state.num_workers
-        return self._worker_batches(logical, self.state.position(logical))
+        try:
+            yield from self._worker_batches(logical, self.state.position(logical))
+        except (SampleError, StreamError) as error:
+            # The DataLoader re-raises a worker's exception as a RuntimeError holding a traceback's text;
+            # handed over as data it reaches the main process with its own type and one-line message.
+            yield {META_KEY: {"worker": logical, "fatal": error}}
 
     def _worker_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict[str, Any]]:
         st, bad = self.state, _BadSamples(self.bad_sample)
@@ -159,19 +205,24 @@ class ShardStream(IterableDataset):
                 entries, used = self._read_block(mine, block_start)
                 perm = block_permutation(len(entries), st.seed, epoch, st.rank, worker, block_start)
                 for j in range(offset, len(entries)):
+                    entry = entries[perm[j]]
                     try:
-                        examples.append(self.example(entries[perm[j]], epoch))
+                        examples.append(self.example(entry, epoch))
                         good += 1
                     except SampleError as error:
-                        bad.handle(error)
+                        bad.handle(error, entry, epoch)
                     if len(examples) == st.batch_size:
                         yield self._batch(examples, worker, WorkerPosition(epoch, block_start, j + 1), bad)
                         examples = []
                 block_start, offset = block_start + used, 0
             if whole_epoch and good == 0 and self.max_epochs is None:  # an infinite loop would never yield
-                raise StreamError(f"worker {worker} of rank {st.rank}: no good sample in data epoch {epoch}")
+                first = describe_skip(bad.records[0]) if bad.records else "its shards hold no samples"
+                raise StreamError(
+                    f"worker {worker} of rank {st.rank}: no good sample in data epoch {epoch} "
+                    f"({bad.samples} bad samples in {len(mine)} shards; first: {first})"
+                )
             epoch, block_start = epoch + 1, 0
-        if examples:  # only reachable with max_epochs: the last, partial batch
+        if examples or bad.records:  # only reachable with max_epochs: the last, partial batch (or the skips)
             yield self._batch(examples, worker, WorkerPosition(epoch, 0, 0), bad)
 
     def example(self, entry: ShardEntry, epoch: int) -> dict[str, Any]:
@@ -183,7 +234,7 @@ class ShardStream(IterableDataset):
         entries: list[ShardEntry] = []
         used = 0
         while block_start + used < len(mine) and (used == 0 or len(entries) < self.shuffle_buffer):
-            entries.extend(iter_shard_entries(self.shards[mine[block_start + used]].url))
+            entries.extend(entries_of(self.shards[mine[block_start + used]]))
             used += 1
         return entries, used
 
@@ -191,8 +242,8 @@ class ShardStream(IterableDataset):
     def _batch(
         examples: list[dict], worker: int, position: WorkerPosition, bad: _BadSamples
     ) -> dict[str, Any]:
-        batch = collate(examples)
-        batch[META_KEY] = {"worker": worker, "bad": bad.take(), **vars(position)}
+        batch = collate(examples) if examples else {}  # {}: only skips to report (end of a finite stream)
+        batch[META_KEY] = {"worker": worker, **bad.take(), **vars(position)}
         return batch
 
 
@@ -215,6 +266,21 @@ class ResumableLoader:
         return self._state.bad_samples
 
     @property
+    def bad_shards(self) -> int:
+        """Shard reads that failed so far (a deleted or damaged shard counts once per data epoch)."""
+        return self._state.bad_shards
+
+    @property
+    def samples(self) -> int:
+        """Good samples handed to the training loop so far."""
+        return self._state.samples
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """Every skip so far (`skip_record`: kind, shard, object, key, reason, lost, exact, epoch)."""
+        return list(self._state.skipped)
+
+    @property
     def batches_per_epoch(self) -> int | None:
         """total_samples // (world_size * batch_size) when every shard's count is known, else None."""
         counts = [s.samples for s in self.dataset.shards]
@@ -230,12 +296,24 @@ class ResumableLoader:
         )
         for batch in loader:
             meta = batch.pop(META_KEY)
+            if "fatal" in meta:
+                raise meta["fatal"]
+            self._count_skips(meta)
+            if not batch:
+                continue
             self._state.positions[int(meta["worker"])] = WorkerPosition(
                 int(meta["epoch"]), int(meta["block_start"]), int(meta["offset"])
             )
-            self._state.bad_samples += int(meta["bad"])
             self._state.batches += 1
+            self._state.samples += len(batch["object_id"])
             yield batch
+
+    def _count_skips(self, meta: dict[str, Any]) -> None:
+        self._state.bad_samples += int(meta["bad"])
+        self._state.bad_shards += int(meta["bad_shards"])
+        for record in meta["skipped"]:
+            self._state.skipped.append(record)
+            warnings.warn(f"rank {self._state.rank}: {describe_skip(record)}", stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state after the last batch handed out."""
@@ -304,7 +382,7 @@ class ValStream(IterableDataset):
             seed,
             bad_sample,
         )
-        _BadSamples(bad_sample)
+        _BadSamples(bad_sample)  # validate the policy name early, in the main process
         self.total = sum(s.samples if s.samples is not None else self._count(s.url) for s in shards)
         self.per_rank = math.ceil(self.total / world_size) if self.total else 0
         # A DataLoader worker without a batch would still be polled; use no more workers than batches.
@@ -327,7 +405,7 @@ class ValStream(IterableDataset):
             for index in indices:
                 needed[index] = needed.get(index, 0) + 1
         held: dict[int, ShardEntry] = {}
-        bad, next_batch = _BadSamples(self.bad_sample), 0
+        bad, next_batch = _BadSamples(self.bad_sample, warn=True), 0
         for index, entry in enumerate(self._readable_entries(bad)):
             if index in needed:
                 held[index] = entry
@@ -336,7 +414,8 @@ class ValStream(IterableDataset):
                 next_batch += 1
         for indices in plan[next_batch:]:  # a damaged shard held fewer samples than its manifest count
             missing = [i for i in indices if i not in held]
-            bad.handle(SampleError(f"<sample {missing[0]}>", "count", f"shards hold < {self.total} samples"))
+            error = SampleError(f"<sample {missing[0]}>", "count", f"shards hold < {self.total} samples")
+            bad.handle(error, ShardEntry(self.shards[-1].url, error.object_id, {}))
             yield from self._make_batch([i for i in indices if i in held], held, needed, bad)
 
     def _count(self, url: str) -> int:
@@ -351,7 +430,7 @@ class ValStream(IterableDataset):
                 if entry.error is None:
                     yield entry
                 else:
-                    bad.handle(entry.error)
+                    bad.handle(entry.error, entry)
 
     def _make_batch(self, indices, held, needed, bad) -> Iterator[dict[str, Any]]:
         examples = []
@@ -359,7 +438,7 @@ class ValStream(IterableDataset):
             try:
                 examples.append(decode_entry(held[index], self.transform, self.seed, 0))
             except SampleError as error:
-                bad.handle(error)
+                bad.handle(error, held[index])
             needed[index] -= 1
             if needed[index] == 0:
                 del held[index]

@@ -49,7 +49,10 @@ class StreamState:
     num_workers: int
     batch_size: int
     batches: int = 0  # batches handed to the training loop
-    bad_samples: int = 0  # samples skipped under the "skip" policy
+    samples: int = 0  # good samples in those batches
+    bad_samples: int = 0  # samples skipped under the "skip" policy (a bad shard's lost samples included)
+    bad_shards: int = 0  # shard reads that failed (once per data epoch in which it failed)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # one `shards.skip_record` per skip
     positions: dict[int, WorkerPosition] = field(default_factory=dict)
 
     def position(self, worker: int) -> WorkerPosition:
@@ -69,6 +72,8 @@ class StreamState:
         if record.get("format") != STATE_FORMAT:
             raise StreamStateError(f"not a stream state (format {record.get('format')!r})")
         fields = {k: v for k, v in record.items() if k not in ("format", "positions")}
+        # States saved before good samples were counted: every batch of the infinite stream is full.
+        fields.setdefault("samples", fields.get("batches", 0) * fields.get("batch_size", 0))
         positions = {int(k): WorkerPosition(**v) for k, v in record["positions"].items()}
         return cls(**fields, positions=positions)
 

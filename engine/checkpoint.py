@@ -2,28 +2,29 @@
 
 Layout under ``run.dir/checkpoints``::
 
-    step00000100/               DeepSpeed model + ZeRO optimizer states (DeepSpeed's own files)
-        gnn3d_rank00000.pt      per-rank state: data position, RNG states (plain types, weights_only-safe)
+    step00000100/               DeepSpeed model + ZeRO optimizer states (DeepSpeed's own files; read only
+                                through engine.safe_load: no code in a pickle runs)
+        gnn3d_rank00000.safetensors  per-rank state: RNG tensors + JSON data position (engine.rank_state)
         ema.safetensors         full EMA weights (gathered from every rank's slice; written by rank 0)
         run_config.yaml         the resolved run config
     latest                      the newest complete tag (DeepSpeed's convention; zero_to_fp32 reads it)
 
 A save goes into ``.tmp-stepN`` and is renamed after a barrier; ``latest`` is replaced atomically last.
-A kill at any moment leaves the previous checkpoint and ``latest`` intact.
+A kill at any moment leaves the previous checkpoint and ``latest`` intact; so does a full disk (all ranks stop
+with one line, ``engine.storage.StorageFull``), and the next start removes the partial ``.tmp-stepN``.
 """
 
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from engine.config import ConfigError, RunConfig
+from engine.divergence import NonFiniteWeightsError, weights_finite
+from engine.rank_state import load_rank_state, rank_file, save_rank_state
+from engine.safe_load import check_checkpoint_dir, only_allowed_types
+from engine.storage import WriteLog, recording_deepspeed_writes
 
 TMP_PREFIX = ".tmp-"
 
@@ -33,6 +34,7 @@ class ResumeState:
     step: int
     data_state: dict[str, Any] | None
     tag: str
+    skipped_steps: int = 0  # steps DeepSpeed skipped (non-finite) before this checkpoint
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -43,43 +45,36 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def rank_file(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"gnn3d_rank{rank:05d}.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as plain types (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, rank: int, extra: dict[str, Any]) -> Path:
-    """Collective: every rank calls it. ``extra`` holds 'data_state', 'ema' (EMA), 'config_yaml' (str)."""
+    """Collective: every rank calls it. ``extra`` holds 'data_state', 'ema' (EMA), 'config_yaml' (str),
+    'skipped_steps' (int). Raises NonFiniteWeightsError, writing nothing, when any rank's weights or EMA slice
+    hold NaN or infinity: every checkpoint, so ``latest`` too, is one a diverged run can go back to."""
+    if not weights_finite(engine, extra["ema"]):
+        raise NonFiniteWeightsError(
+            f"the weights are non-finite after step {step}; its checkpoint was not written"
+        )
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     tmp = TMP_PREFIX + tag
-    engine.save_checkpoint(str(root), tag=tmp, client_state={"gnn3d_step": step}, save_latest=False)
-    torch.save({"data_state": extra["data_state"], "rng": rng_state()}, rank_file(root / tmp, rank))
+    client_state = {"gnn3d_step": step, "skipped_steps": extra.get("skipped_steps", 0)}
+    # A failed write (disk full, file size limit) is recorded, not raised, until every rank has passed the
+    # save's collectives; ``agree`` then stops all ranks together with one line (StorageFull).
+    writes = WriteLog()
+    writes.attempt(root / tmp, lambda path: path.mkdir(parents=True, exist_ok=True))
+    with recording_deepspeed_writes(engine, writes):
+        engine.save_checkpoint(str(root), tag=tmp, client_state=client_state, save_latest=False)
+    writes.attempt(rank_file(root / tmp, rank), lambda path: save_rank_state(extra["data_state"], path))
     if extra["ema"].enabled:  # collective: every rank holds a slice of the EMA; rank 0 writes it whole
-        extra["ema"].save(str(root / tmp / "ema.safetensors"))
+        writes.attempt(root / tmp / "ema.safetensors", lambda path: extra["ema"].save(str(path)))
     if rank == 0:
-        (root / tmp / "run_config.yaml").write_text(extra["config_yaml"])
-    dist.barrier()  # every rank's files are on disk before the tag becomes visible
+        writes.attempt(root / tmp / "run_config.yaml", lambda path: path.write_text(extra["config_yaml"]))
+    previous = f"`latest` is still {read_latest(root)}" if read_latest(root) else "no checkpoint yet"
+    not_saved = f"checkpoint {tag} was not saved ({previous})"
+    # Also the barrier: every rank's files are on disk before the tag becomes visible.
+    writes.agree(not_saved, remove_partial=root / tmp if rank == 0 else None)
     if rank == 0:
-        _publish(root, tmp, tag)
-    dist.barrier()
+        writes.attempt(root / "latest", lambda _: _publish(root, tmp, tag))
+    writes.agree(not_saved)
     return root / tag
 
 
@@ -91,6 +86,18 @@ def _publish(root: Path, tmp: str, tag: str) -> None:
     pointer = root / "latest.tmp"
     pointer.write_text(tag)
     os.replace(pointer, root / "latest")
+
+
+def remove_stale_tmp(run_dir: Path) -> list[str]:
+    """Delete the ``.tmp-stepN`` saves a killed run or a full disk left (rank 0, under the run dir lock, before
+    this run writes): they are never a checkpoint, and the room they take may be what the next save needs."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    stale = sorted(p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX))
+    for name in stale:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return stale
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[str]:
@@ -164,13 +171,15 @@ def load_checkpoint(engine: Any, root: Path, tag: str, *, rank: int, ema: Any) -
     ``engine.preflight.check_resume`` has already refused a checkpoint this run cannot continue (architecture,
     number of ranks, data-stream settings, global batch).
     """
-    _, client = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    check_checkpoint_dir(root / tag)  # every rank, every file: all refuse together before anything loads
+    with only_allowed_types():  # DeepSpeed unpickles with weights_only=False: no code runs from its files
+        _, client = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if client is None:
         raise ConfigError(f"DeepSpeed could not load {root / tag}", key="run.resume")
-    own = torch.load(rank_file(root / tag, rank), weights_only=True)
-    set_rng_state(own["rng"])
+    data_state = load_rank_state(root / tag, rank)
     if ema.enabled and (root / tag / "ema.safetensors").is_file():
         ema.load(str(root / tag / "ema.safetensors"))
-    return ResumeState(step=int(client["gnn3d_step"]), data_state=own["data_state"], tag=tag)
+    skipped = int(client.get("skipped_steps", 0))
+    return ResumeState(step=int(client["gnn3d_step"]), data_state=data_state, tag=tag, skipped_steps=skipped)

@@ -16,6 +16,9 @@ from datapipes.manifest import ManifestError
 from datapipes.shard_io import ShardInfo, resolve_shards
 from engine.checkpoint import check_same_architecture, find_resume_dir
 from engine.config import ConfigError, RunConfig, load_config
+from engine.rank_state import saved_rank_count
+from engine.rundir import in_use_error, live_holder
+from engine.safe_load import check_checkpoint_dir
 from modeling.hub import is_hub_id
 
 # Subfolders that modeling.components.load_components reads.
@@ -122,6 +125,7 @@ def _check_unet_source(cfg: RunConfig) -> None:
     if pointer.is_file():
         saved_path = folder / "checkpoints" / pointer.read_text().strip() / "run_config.yaml"
         saved = load_config(saved_path)
+        check_checkpoint_dir(saved_path.parent)  # a file that could run code when unpickled: refused now
         config = {
             "num_views": saved.model.num_views,
             "cd_attention_mid": saved.model.cd_attention_mid,
@@ -172,7 +176,8 @@ def _check_unet_config(cfg: RunConfig, config: dict, path: Path) -> None:
 
 
 def check_run_dir(cfg: RunConfig) -> None:
-    """run.dir is (or can be created as) a writable folder."""
+    """run.dir is (or can be created as) a writable folder, and no live run holds its lock (read only: the
+    lock itself is taken by ``engine.train.train``, never by ``--check``)."""
     run_dir = Path(cfg.run.dir).expanduser()
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
@@ -184,6 +189,8 @@ def check_run_dir(cfg: RunConfig) -> None:
             pass
     except OSError as error:
         raise _fail(cfg, "run.dir", f"{existing} is not writable ({error.strerror})") from None
+    if (holder := live_holder(run_dir, cfg.run.lock_stale_s)) is not None:
+        raise in_use_error(cfg, holder)
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -204,7 +211,8 @@ def check_resume(cfg: RunConfig, *, world_size: int) -> tuple[tuple[Path, str] |
         raise _fail(cfg, "run.resume", f"{saved_path} is missing: not a complete gnn3d checkpoint")
     saved = load_config(saved_path)
     check_same_architecture(saved, cfg, source=str(saved_path))
-    ranks = len(list(saved_path.parent.glob("gnn3d_rank*.pt")))
+    check_checkpoint_dir(saved_path.parent)  # a file that could run code when unpickled: refused now
+    ranks = saved_rank_count(saved_path.parent)
     if ranks != world_size:
         raise _fail(
             cfg,

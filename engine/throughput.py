@@ -50,4 +50,6 @@ class Throughput:
         shown["stall"] = f"{m['data_stall_pct']:.0f}%"
         if "mfu_pct" in m:
             shown["mfu"] = f"{m['mfu_pct']:.1f}%"
+        if m.get("data/bad_samples"):  # lost data in sight while it happens (engine.data_loss)
+            shown["bad"] = f"{m['data/bad_samples']:.0f} ({m['data/bad_shards']:.0f} shards)"
         return shown

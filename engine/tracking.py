@@ -28,13 +28,34 @@ def wandb_identity(cfg: RunConfig) -> dict[str, str | None]:
     }
 
 
-def _open_jsonl(path: Path):
-    """Append to metrics.jsonl; a line cut off by a crash is dropped so every line stays valid JSON."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
-    return path.open("a", buffering=1)
+def _record_step(line: bytes) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut off by a crash or one that is not a record."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def keep_records_through(path: Path, last_step: int) -> int:
+    """Rewrite metrics.jsonl with only the records of steps <= ``last_step``; returns how many were dropped.
+
+    A resume from the checkpoint of step N trains steps N+1... again, so their earlier records are superseded:
+    dropping them keeps one record per step and readers need not dedupe. A line cut off by a crash goes too.
+    The rewrite is atomic (temp file + rename), so a kill now leaves the old file or the new one.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if 0 < (_record_step(line) or 0) <= last_step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def jsonl_line(step: int, metrics: dict[str, float]) -> str:
@@ -55,15 +76,21 @@ class Tracker:
         self._wandb = self._tb = self._bar = None
         if not is_main:
             return
-        self._jsonl = _open_jsonl(run_dir / "metrics.jsonl")
+        dropped = keep_records_through(run_dir / "metrics.jsonl", start_step)
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step: tensorboard hides the earlier events of the steps trained again, as metrics.jsonl
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
         identity = wandb_identity(cfg)
         if identity["mode"] != "disabled":
             self._wandb = self._init_wandb(cfg, run_dir, identity)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if dropped:
+            self.write(
+                f"metrics.jsonl: dropped {dropped} records after step {start_step} (trained again now)"
+            )
 
     @staticmethod
     def _init_wandb(cfg: RunConfig, run_dir: Path, identity: dict) -> Any:

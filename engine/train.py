@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from datapipes.shards import build_train_loader, build_val_loader
+from datapipes.sample import SampleError
+from datapipes.shards import StreamError, build_train_loader, build_val_loader
 from datapipes.transform import TransformOptions
 from engine.build import build_components, build_unet
-from engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from engine.checkpoint import load_checkpoint, prune_checkpoints, remove_stale_tmp, save_checkpoint
 from engine.config import (
     ConfigError,
     RunConfig,
@@ -31,13 +32,27 @@ from engine.config import (
     save_config,
     save_ds_config,
 )
+from engine.data_loss import EXIT_DATA_LOSS, DataLoss, DataLossError
 from engine.demo import prepare_demo
 from engine.distributed import DistInfo, init_distributed
+from engine.divergence import (
+    EXIT_DIVERGED,
+    DivergedError,
+    NonFiniteWeightsError,
+    SkippedSteps,
+    check_skips_nonfinite_gradients,
+    finite_on_every_rank,
+    last_good_checkpoint,
+    poison,
+)
 from engine.ema import EMA
 from engine.objective import DiffusionObjective, domain_means
 from engine.optim import build_optimizer, describe_trainable, lr_lambda, param_groups, select_trainable
+from engine.preempt import EXIT_PREEMPTED, Preemption
 from engine.preflight import check_run
 from engine.randomness import object_generators
+from engine.rundir import RunDirInUse, lock_run_dir
+from engine.storage import EXIT_STORAGE, STORAGE_ADVICE, StorageFull, as_storage_full
 from engine.throughput import Throughput
 from engine.tracking import Tracker
 from engine.validation import run_validation, validation_weights
@@ -60,22 +75,51 @@ class Run:
     start_step: int = 0
     val_batch: dict | None = field(default=None, repr=False)
     validate: bool = True  # False only when the validation split is empty (allowed with validation.every=0)
+    skipped: SkippedSteps = field(default_factory=SkippedSteps)
+    last_checkpoint: Path | None = None  # newest checkpoint this run saved or resumed from (finite weights)
 
 
 def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     """Entry point of ``launcher/train.py``; returns the process exit code."""
     info = init_distributed()
+    preemption = Preemption(cfg.checkpoint.preempt_grace_s, info.rank).install()
+    lock = None
     try:
+        # Before anything is written (the demo may save components into run.dir): one run per run dir.
+        lock = lock_run_dir(cfg, is_main=info.is_main, world_size=info.world_size)
         cfg = prepare_demo(cfg, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
         run = setup(cfg, ds_config, ds_path, info)
-        loop(run)
+        loop(run, preemption)
+    except RunDirInUse as err:  # every rank learnt it from rank 0; one line is enough
+        if info.is_main:
+            print(f"config error: {err}", file=sys.stderr, flush=True)
+        return 2
     except ConfigError as err:  # found late (demo data, weights that do not fit): the message says it all
         print(f"[rank {info.rank}] config error: {err}", file=sys.stderr, flush=True)
         return 2
-    except Exception:
+    except (DataLossError, SampleError, StreamError) as err:  # bad training data; the message names it
+        if info.is_main or not isinstance(err, DataLossError):  # DataLossError: every rank, the same sums
+            print(f"[rank {info.rank}] data error: {err}", file=sys.stderr, flush=True)
+        return EXIT_DATA_LOSS
+    except DivergedError as err:  # every rank stops the same way; one line is enough
+        if info.is_main:
+            print(err, file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except StorageFull as err:  # a checkpoint save: all ranks agreed on the failure, rank 0 says it
+        if info.is_main:
+            print(f"training stopped: {err}. {STORAGE_ADVICE}", file=sys.stderr, flush=True)
+        return EXIT_STORAGE
+    except Exception as err:
+        if (full := as_storage_full(err)) is not None:  # a log or config write of this rank
+            print(f"[rank {info.rank}] training stopped: {full}. {STORAGE_ADVICE}", file=sys.stderr)
+            return EXIT_STORAGE
         print(f"[rank {info.rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
-    return 0
+    finally:
+        preemption.restore()
+        if lock is not None:
+            lock.release()
+    return EXIT_PREEMPTED if preemption.stopped_at_step is not None else 0
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +140,8 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         for warning in checked.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        for name in remove_stale_tmp(run_dir):  # this run holds the run dir lock: no save is in progress
+            print(f"removed {run_dir / 'checkpoints' / name}: a save that never finished", file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")
         save_ds_config(ds, run_dir / "ds_config.json")
     seed_everything(cfg.run.seed)
@@ -106,10 +152,12 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     )  # fmt: skip
     components = _frozen_components(cfg, run_dir, info).to(info.device)
     engine, counts = build_engine(cfg, ds, info)
+    check_skips_nonfinite_gradients(engine, source=ds_path)
     ema = EMA(engine, cfg.train.ema_decay, cfg.train.ema_every)
     objective = DiffusionObjective(components, cfg, info.device)
     run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=cfg.data.shards)
     run.validate = checked.validate
+    run.skipped.limit = cfg.train.max_bad_steps
     _resume(run, checked.resume)
     if info.is_main:
         print(describe_trainable(counts), flush=True)
@@ -170,13 +218,20 @@ def _resume(run: Run, found: tuple[Path, str] | None) -> None:
     state = load_checkpoint(run.engine, root, tag, rank=run.info.rank, ema=run.ema)
     run.loader.load_state_dict(state.data_state)
     run.start_step = state.step
+    run.skipped.total = state.skipped_steps
+    run.last_checkpoint = root / tag
 
 
-def run_step(run: Run, batches, step: int) -> dict[str, float]:
-    """One optimizer step (grad-accum micro-steps): encode → noise → forward → loss → backward → step → EMA."""
+def run_step(run: Run, batches, step: int) -> dict[str, float] | None:
+    """One optimizer step (grad-accum micro-steps): encode → noise → forward → loss → backward → step → EMA.
+
+    None when DeepSpeed skipped the update (a non-finite loss or gradient on any rank, ``engine.divergence``):
+    the batches are used up, but the EMA and the step do not advance.
+    """
     cfg, engine = run.cfg, run.engine
     micro = cfg.train.micro_batch_size
     totals = {"loss": 0.0, "data_wait_s": 0.0}
+    loss_finite = True
     for micro_step in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -184,11 +239,22 @@ def run_step(run: Run, batches, step: int) -> dict[str, float]:
         generators = object_generators(cfg.run.seed, step, micro_step, run.info.rank * micro, micro)
         inputs = run.objective.prepare(batch, generators)
         loss, parts = run.objective.loss(engine, inputs)
-        engine.backward(loss)
+        finite = finite_on_every_rank(loss)  # collective: every rank poisons the same micro-steps
+        loss_finite &= finite
+        engine.backward(loss if finite else poison(loss))
         engine.step()
         totals["loss"] += loss.item() / cfg.train.grad_accum
         for key, value in parts.items():  # per-domain sums and counts, divided after the global reduction
             totals[key] = totals.get(key, 0.0) + value
+    if not engine.was_step_applied():  # DeepSpeed discarded the gradient; its LR scheduler did not step
+        run.skipped.skipped(bad=not loss_finite or not engine.fp16_enabled())
+        return None
+    if not loss_finite:  # unreachable while check_skips_nonfinite_gradients holds; the weights are lost now
+        last_good = last_good_checkpoint(run.last_checkpoint)
+        raise DivergedError(
+            f"training diverged: DeepSpeed applied the non-finite step {step + 1}; {last_good}"
+        )
+    run.skipped.applied()
     run.ema.update(step + 1)
     return totals
 
@@ -201,35 +267,55 @@ def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def loop(run: Run) -> None:
+def loop(run: Run, preemption: Preemption | None = None) -> None:
     cfg, info = run.cfg, run.info
     tracker = Tracker(
         cfg, run.run_dir, is_main=info.is_main, start_step=run.start_step, total_steps=cfg.run.max_steps
     )
     meter = Throughput(cfg, info, dict(run.engine.module.config))
+    data_loss = DataLoss(cfg.data.max_bad_fraction, run.run_dir, is_main=info.is_main)
     batches = iter(run.loader)
     step = run.start_step
     last_saved = step
     try:
         while step < cfg.run.max_steps:
             t0 = time.perf_counter()
-            values = domain_means(_global_mean(run_step(run, batches, step), info.device))
+            totals = run_step(run, batches, step)
+            if totals is None:  # weights, EMA, LR and step unchanged; the batches are used up
+                _skipped_step(run, step, tracker)
+                if preemption is not None and preemption.stop_agreed(step, info.device):
+                    break  # a run of skipped steps must not hold off a preemption
+                continue
+            values = domain_means(_global_mean(totals, info.device))
             step += 1
             tracker.advance()
             metrics = meter.metrics(values, time.perf_counter() - t0, lr=run.engine.get_lr()[0])
+            metrics["skipped_steps"] = float(run.skipped.total)
+            # collective: bad-data counts summed over ranks; every rank stops past data.max_bad_fraction
+            metrics.update(data_loss.step(run.loader, info.device, step, tracker.log))
             if step % cfg.logging.every == 0 or step == cfg.run.max_steps:
-                tracker.log(step, metrics, show=meter.postfix(metrics))
+                tracker.log(step, metrics, show={**meter.postfix(metrics), **run.skipped.postfix()})
             if step % cfg.checkpoint.every == 0:
                 _checkpoint(run, step, tracker)
                 last_saved = step
+            if preemption is not None and preemption.stop_agreed(step, info.device):
+                break  # every rank, after the same step (skipping this step's validation)
             if cfg.validation.every and step % cfg.validation.every == 0:
                 _validate(run, step, tracker)
         if last_saved != step:
             _checkpoint(run, step, tracker)
+        if preemption is not None and preemption.stopped_at_step is not None:
+            preemption.saved()
+            tracker.write(f"step {step}: preempted; checkpoint saved, exiting with code {EXIT_PREEMPTED}")
+            return
         if run.validate and (not cfg.validation.every or step % cfg.validation.every):
             _validate(run, step, tracker)
         tracker.log(step, {"replicas_in_sync": float(_check_replicas(run))})
+        data_loss.report(run.loader, write=tracker.write)  # every skip, gathered; run.dir/data_report.json
     finally:
+        # Shut the data workers down now, on every exit path: they block the preemption signals
+        # (engine/preempt.py), so leaving them to the interpreter's exit-time terminate() would hang.
+        batches.close()
         tracker.close()
 
 
@@ -245,13 +331,38 @@ def _check_replicas(run: Run) -> bool:
     return True
 
 
+def _skipped_step(run: Run, step: int, tracker: Tracker) -> None:
+    """Say that step ``step + 1`` was skipped; stop the run at train.max_bad_steps bad steps in a row."""
+    skipped, t = run.skipped, run.cfg.train
+    objects = t.micro_batch_size * t.grad_accum * run.info.world_size
+    reason = (
+        "non-finite loss or gradient" if skipped.last_bad else "fp16 gradient overflow (loss scale lowered)"
+    )
+    tracker.write(
+        f"step {step + 1}: skipped ({reason}): weights, EMA and LR unchanged, its {objects} objects used up; "
+        f"{skipped.in_a_row} bad in a row, {skipped.total} skipped in total"
+    )
+    if skipped.must_stop:
+        tracker.log(step, {"skipped_steps": float(skipped.total), "lr": run.engine.get_lr()[0]})
+        raise DivergedError(
+            f"training diverged: {skipped.in_a_row} steps in a row with a non-finite loss or gradient after "
+            f"step {step} (train.max_bad_steps={skipped.limit}); {last_good_checkpoint(run.last_checkpoint)}"
+        )
+
+
 def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
     extra = {
         "data_state": run.loader.state_dict(),
         "ema": run.ema,
         "config_yaml": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False),
+        "skipped_steps": run.skipped.total,
     }
-    path = save_checkpoint(run.engine, run.run_dir, step, rank=run.info.rank, extra=extra)
+    try:
+        path = save_checkpoint(run.engine, run.run_dir, step, rank=run.info.rank, extra=extra)
+    except NonFiniteWeightsError as err:
+        last_good = last_good_checkpoint(run.last_checkpoint)
+        raise DivergedError(f"training diverged: {err}; {last_good}") from None
+    run.last_checkpoint = path
     if run.info.is_main:
         removed = prune_checkpoints(run.run_dir, run.cfg.checkpoint.keep_last)
         tracker.write(

@@ -28,6 +28,13 @@ class RunSection:
         "Let a resume change train.grad_accum (and so the global batch); refused otherwise. Micro-batch, "
         "data.workers and seed can never change on resume (the saved data position depends on them).",
     )
+    lock_stale_s: float = opt(
+        300.0,
+        "run.dir/run.lock keeps a second run out of this run dir. A lock from another host is taken over when "
+        "its heartbeat (touched every few seconds) is older than this; one from this host as soon as its "
+        "process is gone. Keep it well above the clock skew between nodes.",
+        min=1.0,
+    )
 
 
 @dataclass
@@ -113,7 +120,19 @@ class DataSection:
     clip_size: int = opt(224, "CLIP input size.", min=16)
     workers: int = opt(2, "DataLoader worker processes per rank (decoding and augmentation).", min=0)
     shuffle_buffer: int = opt(64, "Sample shuffle buffer per worker (0 = no sample shuffle).", min=0)
-    bad_sample: Literal["skip", "raise"] = opt("skip", "On a corrupt sample: skip (warn, count) or raise.")
+    bad_sample: Literal["skip", "raise"] = opt(
+        "skip",
+        "On a corrupt sample or unreadable shard: skip (count, log as data/bad_samples and data/bad_shards, "
+        "list in run.dir/data_report.json) or raise (stop naming shard and object, exit 65).",
+    )
+    max_bad_fraction: float = opt(
+        0.05,
+        "Stop (exit 65) once more than this share of the samples read, summed over ranks, were bad -- judged "
+        "from 1/fraction samples on, so one early bad sample never stops a run. Converted shards are verified, "
+        "so losses come from storage (a lost shard of many is tolerated); 1 = never stop.",
+        min=0.0,
+        max=1.0,
+    )
 
 
 @dataclass
@@ -130,6 +149,13 @@ class TrainSection:
     adam_eps: float = opt(1e-8, "AdamW epsilon.", min=0.0)
     grad_clip: float = opt(
         1.0, "Max gradient norm (0 disables); fills DeepSpeed's gradient_clipping.", min=0.0
+    )
+    max_bad_steps: int = opt(
+        5,
+        "A step with a non-finite loss or gradient is skipped (no optimizer, EMA, LR or step advance; its "
+        "batch is used up) and counted; this many in a row stop the run (exit 3) naming the last good "
+        "checkpoint. 0 = never stop (fp16 loss-scale skips with a finite loss do not count).",
+        min=0,
     )
     precision: Literal["fp32", "bf16", "fp16"] = opt(
         "fp32", "Fills DeepSpeed's bf16/fp16 'auto' fields. fp16 needs CUDA."
@@ -158,6 +184,14 @@ class CheckpointSection:
     every: int = opt(100, "Save a checkpoint every N optimizer steps (and always at the end).", min=1)
     keep_last: int = opt(
         3, "Checkpoints to keep; older ones are deleted after a newer one is complete.", min=1
+    )
+    preempt_grace_s: float = opt(
+        25.0,
+        "On SIGTERM/SIGUSR1 (preemption) all ranks finish the step, save a checkpoint and exit 75; a save "
+        "not done this many seconds after the signal ends the run with a message (exit 1; the previous "
+        "checkpoint stays latest). Keep it under the cluster's grace (30 s by default in Kubernetes, SLURM "
+        "and the deepspeed/torchrun launchers). 0 = no limit of our own.",
+        min=0.0,
     )
 
 
