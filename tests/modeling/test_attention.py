@@ -15,6 +15,7 @@ from modeling.attention import (
     check_backend,
     resolve_backend,
 )
+from tests.modeling.attention_reference import rowwise_loop_reference
 
 DIM, HEADS, TOKENS, VIEWS, OBJECTS = 32, 4, 9, 3, 2  # 9 tokens = a 3x3 grid (square: no latent size needed)
 
@@ -53,24 +54,6 @@ def sparse_views(i: int) -> list[int]:
     return [i // VIEWS * VIEWS, i]
 
 
-def rowwise_reference(layer: Attention, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Loop reference for row-wise attention: row r of each view attends to row r of all its object's views."""
-    out = torch.empty_like(x)
-    for first in range(0, x.shape[0], VIEWS):
-        for r in range(height):
-            cols = slice(r * width, (r + 1) * width)
-            seq = torch.cat([x[first + v, cols] for v in range(VIEWS)])[None]  # (1, V·w, C)
-            q, k, v = (
-                t.reshape(1, t.shape[1], HEADS, -1).transpose(1, 2)
-                for t in (layer.to_q(seq), layer.to_k(seq), layer.to_v(seq))
-            )
-            o = ((q @ k.transpose(-1, -2) * layer.scale).softmax(-1) @ v).transpose(1, 2).flatten(2)
-            o = layer.to_out[0](o)[0].reshape(VIEWS, width, DIM)
-            for view in range(VIEWS):
-                out[first + view, cols] = o[view]
-    return out
-
-
 @pytest.mark.parametrize(("grid", "latent_size"), [((3, 3), None), ((2, 3), (4, 5)), ((3, 2), (3, 2))])
 def test_rowwise_processor_matches_loop_reference(grid: tuple[int, int], latent_size) -> None:
     """The processor alone (the UNet's real processors are checked in test_unet_mv.py): a square grid is
@@ -82,7 +65,7 @@ def test_rowwise_processor_matches_loop_reference(grid: tuple[int, int], latent_
     kwargs = {} if latent_size is None else {"latent_size": latent_size}
     with torch.no_grad():
         torch.testing.assert_close(
-            layer(x, **kwargs), rowwise_reference(layer, x, *grid), atol=1e-5, rtol=1e-5
+            layer(x, **kwargs), rowwise_loop_reference(layer, x, VIEWS, *grid), atol=1e-5, rtol=1e-5
         )
 
 

@@ -10,6 +10,7 @@ from modeling.attention import AttentionBackendError, MultiViewAttnProcessor, xf
 from modeling.blocks import MVTransformerBlock
 from modeling.layout import LayoutError, check_batch_size, split_domains, stack_domains
 from modeling.unet_mv import MVUNet, normalize_config, tiny_unet_config
+from tests.modeling.attention_reference import rowwise_loop_reference
 
 VIEWS = 2
 
@@ -218,25 +219,6 @@ def test_block_order_matches_wonder3d_reference() -> None:
 
 def attn1_layers(unet: MVUNet) -> list:
     return [m.attn1 for m in unet.modules() if isinstance(m, MVTransformerBlock)]
-
-
-def rowwise_loop_reference(attn, x: torch.Tensor, views: int, height: int, width: int) -> torch.Tensor:
-    """Row r of view v attends to row r of every view of its object: explicit loops, plain softmax maths."""
-    heads = attn.heads
-    out = torch.empty(x.shape[0], height * width, attn.to_out[0].out_features)
-    for first in range(0, x.shape[0], views):  # one object (of one domain)
-        for r in range(height):
-            cols = slice(r * width, (r + 1) * width)
-            seq = torch.cat([x[first + v, cols] for v in range(views)])[None]  # (1, V·w, C)
-            q, k, v = (
-                t.reshape(1, t.shape[1], heads, -1).transpose(1, 2)
-                for t in (attn.to_q(seq), attn.to_k(seq), attn.to_v(seq))
-            )
-            o = ((q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v).transpose(1, 2).flatten(2)
-            o = attn.to_out[0](o)[0]  # (V·w, C)
-            for view in range(views):
-                out[first + view, cols] = o[view * width : (view + 1) * width]
-    return out
 
 
 def test_rowwise_unet_differs_from_dense_with_the_same_weights() -> None:
