@@ -28,6 +28,7 @@ setup(
         "braceexpand>=0.1.7",  # shard brace patterns (shard-{000000..000099}.tar)
         "numpy>=1.26",
         "pillow>=10",
+        "psutil>=5.9",  # network interfaces: the gloo interface towards MASTER_ADDR (multi-node)
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",

@@ -8,12 +8,17 @@ URL specs accepted by `resolve_shards`:
 - any URL webdataset's ``gopen`` opens: local paths, ``pipe:aws s3 cp s3://bucket/x.tar -``, ``http(s)://``.
 
 Tar members are grouped into samples by key (the member name up to the first dot of its base name), the
-webdataset convention. Read errors (a truncated or corrupt tar) surface as `SampleError` naming the shard and
-the last object key read.
+webdataset convention. Read errors (a truncated or corrupt tar, a missing file) surface as `SampleError`
+naming the shard and the last object key read.
+
+Two ways to read a shard: `iter_shard_entries` streams it in order (any URL); for a local ``.tar``
+(`is_seekable`), `index_shard` reads only the tar headers and `read_indexed` reads one sample's members by
+offset -- what lets a training worker read just the samples of its own windows (datapipes.shards).
 """
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,18 +42,12 @@ class ShardInfo:
 
 @dataclass
 class ShardEntry:
-    """One sample's members as read from a tar (bytes, undecoded) or the read error that ended the shard.
-
-    lost: for an error entry, the samples of the shard it stands for (the shard's remaining samples when
-    its count is known, see `entries_of`; else 1, the sample being read). A sample entry stands for itself.
-    """
+    """One sample's members as read from a tar (bytes, undecoded), or the read error that ended the shard."""
 
     url: str
     key: str
     members: dict[str, bytes]
     error: SampleError | None = None
-    lost: int = 1
-    lost_exact: bool = False  # `lost` comes from the shard's known sample count
 
 
 def _expand(pattern: str, base: Path | None) -> list[str]:
@@ -106,60 +105,143 @@ def _key_and_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), rest
 
 
+class _MemberGroups:
+    """Groups a tar's file members into samples by key; `key` is the sample being read (for error messages)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+
+    def groups(self, tar: tarfile.TarFile, payload) -> Iterator[tuple[str, dict]]:
+        """(key, {member: payload(info)}) per sample; a member twice in one sample is a tarfile.ReadError."""
+        members: dict = {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            name_key, member = _key_and_member(info.name)
+            if self.key is not None and name_key != self.key:
+                yield self.key, members
+                members = {}
+            self.key = name_key
+            if member in members:
+                raise tarfile.ReadError(f"member {info.name} appears twice")
+            members[member] = payload(tar, info)
+        if self.key is not None:
+            yield self.key, members
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    data = tar.extractfile(info).read()
+    if len(data) != info.size:
+        raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
+    return data
+
+
+def _read_error(url: str, key: str | None, error: Exception) -> SampleError:
+    last = key or "<start of shard>"
+    return SampleError(last, "tar", f"cannot read shard: {error}", url)
+
+
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
 def iter_shard_entries(url: str) -> Iterator[ShardEntry]:
-    """Yield the samples of one shard as undecoded ShardEntry groups.
+    """Yield the samples of one shard as undecoded ShardEntry groups (reads the whole shard in order).
 
     A read failure (truncated, corrupt header, unreadable URL) ends the shard with one entry whose `error`
     is a SampleError naming the shard and the last key; the complete samples before it are yielded first.
     """
-    key, members = None, {}
+    grouping = _MemberGroups()
     try:
         with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                name_key, member = _key_and_member(info.name)
-                if key is not None and name_key != key:
-                    yield ShardEntry(url, key, members)
-                    members = {}
-                key = name_key
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(
-                        f"member {info.name} truncated ({len(data)} of {info.size} bytes)"
-                    )
-                if member in members:
-                    raise tarfile.ReadError(f"member {info.name} appears twice")
-                members[member] = data
-    except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+            for key, members in grouping.groups(tar, _read_member):
+                yield ShardEntry(url, key, members)
+    except _TAR_ERRORS as error:
         if isinstance(error.__context__, GeneratorExit):
             return  # the consumer stopped early and closing a pipe: URL complained; nothing to report
-        last = key or "<start of shard>"
-        yield ShardEntry(url, last, members, SampleError(last, "tar", f"cannot read shard: {error}", url))
-        return
-    if key is not None:
-        yield ShardEntry(url, key, members)
+        error_key = grouping.key
+        yield ShardEntry(url, error_key or "<start of shard>", {}, _read_error(url, error_key, error))
 
 
-def entries_of(shard: ShardInfo) -> list[ShardEntry]:
-    """All entries of one shard; a read error's entry says how many samples it cost (``lost``).
+# ------------------------------------------------------------------------------------- random access
 
-    With a known sample count (a manifest) that is the count minus the complete samples read before the
-    error (0 when only the tar's end was damaged), so the loss is counted exactly. Python's tarfile reads a
-    tar cut at a header boundary as a shorter, valid archive; the count shows it, and an error entry for
-    the missing samples is added.
+
+def is_seekable(url: str) -> bool:
+    """A local uncompressed tar: samples can be read by offset (`index_shard`) instead of streaming it."""
+    return not url.startswith("pipe:") and "://" not in url and url.endswith(".tar")
+
+
+@dataclass
+class ShardIndex:
+    """Member offsets of one local shard's samples, from its tar headers only (no member data read).
+
+    samples[i] = (key, {member: (offset, size)}) for the complete samples; `error` is the read failure that
+    ended the index (a truncated or corrupt tar, a missing file), None when the whole tar was read.
     """
-    entries = list(iter_shard_entries(shard.url))
-    if shard.samples is None:
-        return entries
-    if entries and entries[-1].error is not None:
-        entries[-1].lost, entries[-1].lost_exact = max(0, shard.samples - (len(entries) - 1)), True
-    elif len(entries) < shard.samples:
-        last = entries[-1].key if entries else "<start of shard>"
-        problem = f"cannot read shard: it ends after {len(entries)} of {shard.samples} samples (truncated?)"
-        error = SampleError(last, "tar", problem, shard.url)
-        entries.append(ShardEntry(shard.url, last, {}, error, shard.samples - len(entries), True))
-    return entries
+
+    url: str
+    samples: list[tuple[str, dict[str, tuple[int, int]]]]
+    error: SampleError | None = None
+
+
+def index_shard(url: str) -> ShardIndex:
+    """Index a local tar (see `ShardIndex`): reads the headers, seeking over the data."""
+    grouping, samples = _MemberGroups(), []
+    try:
+        # unbuffered: a buffered file would read 8 KiB per 512-byte header, i.e. most of a small-member tar
+        with open(url, "rb", buffering=0) as file, tarfile.open(fileobj=file, mode="r:") as tar:
+            size = os.fstat(file.fileno()).st_size
+
+            def span(_tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[int, int]:
+                if info.offset_data + info.size > size:
+                    got = max(0, size - info.offset_data)
+                    raise tarfile.ReadError(f"member {info.name} truncated ({got} of {info.size} bytes)")
+                return info.offset_data, info.size
+
+            samples.extend(grouping.groups(tar, span))
+    except _TAR_ERRORS as error:
+        # the sample being grouped when the error hit is incomplete: only the ones before it count
+        return ShardIndex(url, samples, _read_error(url, grouping.key, error))
+    return ShardIndex(url, samples)
+
+
+def read_indexed(index: ShardIndex, sample: int) -> ShardEntry:
+    """One sample of an indexed shard, read by offset; a read failure gives an error entry."""
+    key, spans = index.samples[sample]
+    first = min(offset for offset, _ in spans.values())
+    stop = max(offset + size for offset, size in spans.values())
+    try:
+        with open(index.url, "rb", buffering=0) as file:  # one read: a sample's members are contiguous
+            file.seek(first)
+            data = file.read(stop - first)
+        if len(data) != stop - first:
+            raise tarfile.ReadError(f"sample {key} truncated ({len(data)} of {stop - first} bytes)")
+        members = {
+            member: data[offset - first : offset - first + size] for member, (offset, size) in spans.items()
+        }
+    except _TAR_ERRORS as error:
+        return ShardEntry(index.url, key, {}, _read_error(index.url, key, error))
+    return ShardEntry(index.url, key, members)
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name in a URL (``pipe:cat /d/shard-000001.tar`` -> ``shard-000001.tar``): what
+    identifies a shard when the data set moves."""
+    tars = [token for token in url.split() if ".tar" in token]
+    return (tars[-1] if tars else url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def count_slots(url: str) -> tuple[int, bool]:
+    """(samples, exact) of a shard without a manifest count: the complete samples, plus one slot for a read
+    error that ended the shard (exact False: the samples after it are unknown). Local tars: headers only."""
+    if is_seekable(url):
+        index = index_shard(url)
+        return len(index.samples) + (index.error is not None), index.error is None
+    count = 0
+    for entry in iter_shard_entries(url):
+        if entry.error is not None:
+            return count + 1, False
+        count += 1
+    return count, True
 
 
 def raw_from_entry(entry: ShardEntry) -> RawObject:

@@ -8,6 +8,9 @@ Layout under ``run.dir/checkpoints``::
         ema.safetensors         full EMA weights (gathered from every rank's slice; written by rank 0)
         run_config.yaml         the resolved run config
     latest                      the newest complete tag (DeepSpeed's convention; zero_to_fp32 reads it)
+    universal/step00000100/     made when a run resumes step00000100 (its own or another run's) on another
+                                number of ranks (engine.elastic): the ZeRO state as full per-parameter
+                                tensors; pruned once no kept checkpoint of this run has that tag
 
 A save goes into ``.tmp-stepN`` and is renamed after a barrier; ``latest`` is replaced atomically last.
 A kill at any moment leaves the previous checkpoint and ``latest`` intact; so does a full disk (all ranks stop
@@ -20,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datapipes.stream_state import merge_stream_states
 from engine.config import ConfigError, RunConfig
 from engine.divergence import NonFiniteWeightsError, weights_finite
-from engine.rank_state import load_rank_state, rank_file, save_rank_state
+from engine.elastic import load_resharded, saved_world_size, universal_root
+from engine.rank_state import load_rank_state, rank_file, save_rank_state, saved_data_states
 from engine.safe_load import check_checkpoint_dir, only_allowed_types
 from engine.storage import WriteLog, recording_deepspeed_writes
 
@@ -111,6 +116,13 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[str]:
     doomed += [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
     for name in doomed:
         shutil.rmtree(root / name, ignore_errors=True)
+    # A re-sharding copy (engine.elastic) is kept only while its checkpoint is; one of another run's checkpoint
+    # goes once this run has checkpoints of its own.
+    kept = set(tags) - set(doomed)
+    converted = universal_root(root)
+    for path in converted.iterdir() if converted.is_dir() else []:
+        if path.name not in kept:
+            shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
@@ -165,20 +177,28 @@ def check_same_architecture(saved: RunConfig, current: RunConfig, *, source: str
         )
 
 
-def load_checkpoint(engine: Any, root: Path, tag: str, *, rank: int, ema: Any) -> ResumeState:
+def load_checkpoint(
+    engine: Any, root: Path, tag: str, *, rank: int, world_size: int, ema: Any, run_dir: Path
+) -> ResumeState:
     """Collective: restore engine (weights, optimizer, LR schedule), EMA, RNG and this rank's data position.
 
     ``engine.preflight.check_resume`` has already refused a checkpoint this run cannot continue (architecture,
-    number of ranks, data-stream settings, global batch).
+    seed, global batch, a v0.1 data position). Another world size re-shards the ZeRO state
+    (``engine.elastic``; the engine was built with ``with_universal_load``); the data position is always the
+    merge of every saved rank's state, so it fits any new world size, micro-batch or worker count.
     """
     check_checkpoint_dir(root / tag)  # every rank, every file: all refuse together before anything loads
-    with only_allowed_types():  # DeepSpeed unpickles with weights_only=False: no code runs from its files
-        _, client = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    if saved_world_size(root / tag) not in (0, world_size):  # re-sharded through the universal layout
+        client = load_resharded(engine, root, tag, rank=rank, out_root=checkpoint_root(run_dir))
+    else:
+        with only_allowed_types():  # DeepSpeed unpickles with weights_only=False: no code runs from its files
+            _, client = engine.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     if client is None:
         raise ConfigError(f"DeepSpeed could not load {root / tag}", key="run.resume")
-    data_state = load_rank_state(root / tag, rank)
+    load_rank_state(root / tag, rank)  # this rank's RNG, when the checkpoint had this rank
+    data_state = merge_stream_states(saved_data_states(root / tag), rank)
     if ema.enabled and (root / tag / "ema.safetensors").is_file():
         ema.load(str(root / tag / "ema.safetensors"))
     skipped = int(client.get("skipped_steps", 0))

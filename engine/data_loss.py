@@ -45,7 +45,7 @@ class DataLoss:
 
     def __init__(self, limit: float, run_dir: Path, *, is_main: bool) -> None:
         self.limit, self.run_dir, self.is_main = limit, Path(run_dir), is_main
-        self.totals = {"samples": 0, "bad_samples": 0, "bad_shards": 0}  # summed over ranks
+        self.totals = {"samples": 0, "bad_samples": 0, "bad_shards": 0, "fillers": 0}  # summed over ranks
 
     def step(
         self, loader: Any, device: torch.device, step: int, log: Callable[[int, dict[str, float]], None]
@@ -93,6 +93,7 @@ class DataLoss:
             "good_samples": self.totals["samples"],
             "bad_samples": self.totals["bad_samples"],
             "bad_shards": self.totals["bad_shards"],
+            "fillers": self.totals["fillers"],  # samples repeated in batches whose slots were all bad
             "bad_fraction": self.totals["bad_samples"] / seen if seen else 0.0,
             "max_bad_fraction": self.limit,
             "stopped": stopped,
@@ -109,14 +110,16 @@ def summary_lines(report: dict[str, Any], path: Path) -> list[str]:
     """The end-of-run summary: the counts, then each distinct skip (shard, object, reason) with how often."""
     head = (
         f"data: {report['bad_samples']:.0f} of {report['samples_read']:.0f} samples read were skipped "
-        f"({report['bad_fraction']:.2%}; {report['bad_shards']:.0f} shard read failures) -> {path}"
+        f"({report['bad_fraction']:.2%}; {report['bad_shards']:.0f} shard read failures; "
+        f"{report.get('fillers', 0):.0f} fillers) -> {path}"
     )
     groups = Counter(
         (r["kind"], r["shard"], r["object"], r["key"], r["reason"], r["lost"]) for r in report["skipped"]
     )
     lines = [head]
     for (kind, shard, obj, key, reason, lost), times in list(groups.items())[:SUMMARY_LINES]:
-        what = f"shard {shard} from {obj!r} on ({lost} samples)" if kind == "shard" else f"{obj!r} in {shard}"
+        lost_here = f"shard {shard} from {obj!r} on ({lost} samples)"  # "lost": more of a failure's samples
+        what = f"{obj!r} in {shard}" if kind == "sample" else lost_here
         lines.append(f"  skipped {what}: key {key!r}: {reason}" + (f" [x{times}]" if times > 1 else ""))
     if len(groups) > SUMMARY_LINES:
         lines.append(f"  ... {len(groups) - SUMMARY_LINES} more in {path}")

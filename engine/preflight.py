@@ -14,9 +14,11 @@ from pathlib import Path
 
 from datapipes.manifest import ManifestError
 from datapipes.shard_io import ShardInfo, resolve_shards
+from datapipes.stream_state import StreamStateError, check_resumable, merge_stream_states
 from engine.checkpoint import check_same_architecture, find_resume_dir
 from engine.config import ConfigError, RunConfig, load_config
-from engine.rank_state import saved_rank_count
+from engine.config.checks import derive_grad_accum
+from engine.rank_state import saved_data_states, saved_rank_count
 from engine.rundir import in_use_error, live_holder
 from engine.safe_load import check_checkpoint_dir
 from modeling.hub import is_hub_id
@@ -43,6 +45,7 @@ class Preflight:
 def check_run(cfg: RunConfig, *, world_size: int) -> Preflight:
     """Run every check; raise ConfigError on the first problem. Data checks wait for ``data.shards`` (the
     demo sets it after rendering and calls ``check_data`` itself)."""
+    derive_grad_accum(cfg, world_size=world_size)  # train.global_batch_size decides it for this world size
     check_model_folders(cfg)
     check_run_dir(cfg)
     result = Preflight()
@@ -197,11 +200,12 @@ def check_run_dir(cfg: RunConfig) -> None:
 
 
 def check_resume(cfg: RunConfig, *, world_size: int) -> tuple[tuple[Path, str] | None, list[str]]:
-    """(the checkpoint ``run.resume`` names or None, warnings); refuses one this run cannot continue bit-exact.
+    """(the checkpoint ``run.resume`` names or None, warnings); refuses one this run cannot continue.
 
-    Refused (one line, before the checkpoint is loaded): another architecture, another number of ranks, a
-    changed micro-batch, data.workers or seed (the saved data position depends on them; elastic resume is not
-    supported yet), and a changed train.grad_accum unless ``run.allow_batch_change``.
+    Another world size, micro-batch or data.workers is fine (the ZeRO state is re-sharded, the data position
+    is a place in one global order). Refused (one line, before the checkpoint is loaded): another
+    architecture or seed, a data position saved by gnn3d v0.1, and another global batch (micro-batch x
+    grad-accum x world size) unless ``run.allow_batch_change``.
     """
     found = find_resume_dir(cfg.run.resume, Path(cfg.run.dir))
     if found is None:
@@ -212,68 +216,59 @@ def check_resume(cfg: RunConfig, *, world_size: int) -> tuple[tuple[Path, str] |
     saved = load_config(saved_path)
     check_same_architecture(saved, cfg, source=str(saved_path))
     check_checkpoint_dir(saved_path.parent)  # a file that could run code when unpickled: refused now
-    ranks = saved_rank_count(saved_path.parent)
-    if ranks != world_size:
+    if saved.run.seed != cfg.run.seed:
         raise _fail(
             cfg,
-            "run.resume",
-            f"{saved_path.parent} was written by {ranks} ranks but this run has {world_size}. ZeRO optimizer "
-            "partitions need the same data-parallel size: resume with the same number of processes, or start "
-            "fresh from the weights (model.unet=<this run dir>)",
+            "run.seed",
+            f"{cfg.run.seed}, but the checkpoint {saved_path} ran with {saved.run.seed}; the data order and the "
+            "noise depend on it. Set it back, or start a new run.dir (model.unet=<this run dir> starts from its "
+            "weights)",
         )
-    for key, before, now in _stream_settings(saved, cfg):
-        if before != now:
+    saved_world = saved_rank_count(saved_path.parent)
+    before = saved.train.micro_batch_size * saved.train.grad_accum * saved_world
+    now = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    warnings = []
+    if before != now:
+        keep = before / (cfg.train.micro_batch_size * world_size)
+        keep_text = (
+            f"train.grad_accum={int(keep)}" if keep.is_integer() and keep >= 1 else "no train.grad_accum"
+        )
+        t = saved.train
+        change = (
+            f"the global batch changes from {before} to {now} objects (the checkpoint {saved_path} ran "
+            f"{saved_world} rank(s) x micro-batch {t.micro_batch_size} x train.grad_accum={t.grad_accum}); "
+            f"{keep_text} keeps it"
+        )
+        if not cfg.run.allow_batch_change:
             raise _fail(
                 cfg,
-                key,
-                f"{now}, but the checkpoint {saved_path} ran with {before}; its saved data position depends on "
-                "it (resuming with another micro-batch, worker count or seed is not supported yet). Set it "
-                "back, or start a new run.dir (model.unet=<this run dir> starts from its weights)",
+                "train.grad_accum",
+                f"{cfg.train.grad_accum}, but {change}. Or set run.allow_batch_change=true",
             )
-    if saved.train.grad_accum == cfg.train.grad_accum:
-        return found, []
-    per_step = cfg.train.micro_batch_size * world_size
-    change = (
-        f"the checkpoint {saved_path} ran with train.grad_accum={saved.train.grad_accum}: the global batch "
-        f"changes from {per_step * saved.train.grad_accum} to {per_step * cfg.train.grad_accum} objects"
-    )
-    if not cfg.run.allow_batch_change:
-        raise _fail(
-            cfg,
-            "train.grad_accum",
-            f"{cfg.train.grad_accum}, but {change}. Set it back, or run.allow_batch_change=true",
-        )
-    return found, [f"run.allow_batch_change: {change}"]
+        warnings.append(f"run.allow_batch_change: {change}")
+    _check_stream_state(cfg, saved_path.parent, world_size=world_size)
+    return found, warnings
 
 
-def _stream_settings(saved: RunConfig, cfg: RunConfig):
-    """(key, checkpoint value, run value) of the settings the saved data position depends on."""
-    yield "train.micro_batch_size", saved.train.micro_batch_size, cfg.train.micro_batch_size
-    # 0 workers and 1 worker read the same stream (one logical worker)
-    yield "data.workers", max(1, saved.data.workers), max(1, cfg.data.workers)
-    yield "run.seed", saved.run.seed, cfg.run.seed
+def _check_stream_state(cfg: RunConfig, tag_dir: Path, *, world_size: int) -> None:
+    """The saved data position continues on this world size and micro-batch (a v0.1 one never does)."""
+    try:
+        merged = merge_stream_states(saved_data_states(tag_dir), 0)
+        check_resumable(merged, world_size=world_size, batch_size=cfg.train.micro_batch_size)
+    except StreamStateError as error:
+        raise _fail(cfg, "run.resume", f"{tag_dir}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------------- data
 
 
 def check_data(cfg: RunConfig, *, world_size: int) -> tuple[int | None, list[str]]:
-    """Shards exist and can feed every rank's workers; the validation split fits ``validation.*``.
+    """Shards exist; the validation split fits ``validation.*``. Any number of shards feeds any number of
+    ranks and workers (they read slots of one global order, not whole shards).
 
     Returns (objects in the validation split or None when not counted, warnings).
     """
-    train = _local_shards(cfg, "data.shards", cfg.data.shards, "train")
-    workers = max(1, cfg.data.workers)
-    where = _spec_file(cfg.data.shards)
-    if len(train) < world_size * workers:
-        most = len(train) // world_size
-        fix = f"set data.workers={most}" if most else "convert with a smaller --samples-per-shard"
-        raise ConfigError(
-            f"{len(train)} training shards cannot feed {world_size} rank(s) x {workers} worker(s) (each reads "
-            f"whole shards); {fix}",
-            key="data.workers",
-            source=where,
-        )
+    _local_shards(cfg, "data.shards", cfg.data.shards, "train")
     val_key = "data.val_shards" if cfg.data.val_shards else "data.shards"
     val = _local_shards(cfg, val_key, cfg.data.val_shards or cfg.data.shards, "val")
     counts = [s.samples for s in val]

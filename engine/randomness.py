@@ -1,32 +1,38 @@
 """Per-object random streams: training randomness that does not depend on how the batch is split.
 
 Every random draw for one object (timestep, noise, VAE sample, condition dropout, domain choice) comes from a
-generator seeded by (run seed, optimizer step, micro-step, global object index). So:
+generator seeded by (run seed, optimizer step, slot-in-step). The slot of object i of the micro-batch that
+rank r trains at micro-step k is ``j = (k*W + r)*m + i`` (W ranks, micro-batch m): the same slot the data
+stream gives that object (the global order, datapipes.stream_state). So:
 - resume is exact without saving any RNG state for the training step;
-- the same global batch on 1 or 2 ranks sees the same noise (the ZeRO-2 equivalence test relies on it).
+- the same global batch split as 2 ranks x accum 2, 1 rank x accum 4 or 4 ranks x accum 1 gives every object
+  the same noise, which is what lets a run resume on another number of processes (engine.elastic) and the
+  ZeRO-2 equivalence test compare world sizes.
 """
+
+from collections.abc import Sequence
 
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads nearby tuples over the seed space
 
 
-def object_seed(seed: int, step: int, micro_step: int, object_index: int) -> int:
-    """A 63-bit seed for one object's draws at one (micro-)step."""
+def first_slot(micro_step: int, rank: int, world_size: int, micro_batch: int) -> int:
+    """Slot-in-step of the first object of ``rank``'s micro-batch at ``micro_step`` (0 <= slot < global batch)."""
+    return (micro_step * world_size + rank) * micro_batch
+
+
+def object_seed(seed: int, step: int, slot: int) -> int:
+    """A 63-bit seed for the draws of the object in slot ``slot`` of optimizer step ``step``."""
     h = seed
-    for part in (step, micro_step, object_index):
+    for part in (step, slot):
         h = (h * _MIX + part + 1) % (1 << 63)
     return h
 
 
-def object_generators(
-    seed: int, step: int, micro_step: int, first_index: int, count: int
-) -> list[torch.Generator]:
-    """Generators for objects ``first_index .. first_index+count-1`` of the global micro-batch."""
-    return [
-        torch.Generator().manual_seed(object_seed(seed, step, micro_step, first_index + i))
-        for i in range(count)
-    ]
+def object_generators(seed: int, step: int, slots: Sequence[int]) -> list[torch.Generator]:
+    """One generator per object, for the objects in ``slots`` (slots-in-step) of optimizer step ``step``."""
+    return [torch.Generator().manual_seed(object_seed(seed, step, slot)) for slot in slots]
 
 
 def randn_per_object(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:

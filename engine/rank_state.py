@@ -54,23 +54,45 @@ def save_rank_state(data_state: dict[str, Any] | None, path: Path) -> None:
     save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
 
 
+def saved_data_states(tag_dir: Path) -> list[dict[str, Any] | None]:
+    """Every saved rank's data position, in rank order (the world size that wrote the checkpoint)."""
+    states = []
+    for rank in range(saved_rank_count(tag_dir)):
+        if not rank_file(tag_dir, rank).is_file() and legacy_rank_file(tag_dir, rank).is_file():
+            states.append(load_allowed(legacy_rank_file(tag_dir, rank))["data_state"])
+        else:
+            states.append(_read(rank_file(tag_dir, rank))[0]["data_state"])
+    return states
+
+
 def load_rank_state(tag_dir: Path, rank: int) -> dict[str, Any] | None:
-    """Restore this rank's RNG states from its file and return its saved data position."""
+    """Restore this rank's RNG states from its file and return its saved data position.
+
+    A rank the checkpoint did not have (a resume on more processes) keeps the run's seeded RNG: the training
+    step draws its randomness from per-object generators (``engine.randomness``), not from these states.
+    """
     path = rank_file(tag_dir, rank)
     if not path.is_file() and legacy_rank_file(tag_dir, rank).is_file():
         return _load_legacy(legacy_rank_file(tag_dir, rank))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()[_META_KEY])
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (OSError, KeyError, TypeError, ValueError) as error:  # missing, truncated, not ours
-        raise ConfigError(f"cannot read this rank's state ({error})", source=str(path)) from None
+    if not path.is_file() and rank >= saved_rank_count(tag_dir) > 0:
+        return None
+    meta, tensors = _read(path)
     version, gauss = meta["python"]
     random.setstate((version, tuple(tensors["rng.python"].tolist()), gauss))
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["rng.torch"])
     return meta["data_state"]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()[_META_KEY])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (OSError, KeyError, TypeError, ValueError) as error:  # missing, truncated, not ours
+        raise ConfigError(f"cannot read this rank's state ({error})", source=str(path)) from None
+    return meta, tensors
 
 
 def _load_legacy(path: Path) -> dict[str, Any] | None:

@@ -16,6 +16,11 @@ While the run lives, a daemon thread of rank 0 touches the file's mtime (the hea
 A stale lock is taken over with one warning line; a live one refuses the run with one line naming its owner
 (``RunDirInUse``, exit 2). The lock is released when ``train()`` ends (also on an exception); a SIGKILL leaves
 it behind, which the same-host rule clears at the next start.
+
+With several nodes every rank must see the same run dir: each rank writes its part of every checkpoint there,
+and a resume reads all parts and ``latest`` from one place. Right after rank 0 took the lock, every rank looks
+for that lock (its token) in its own run.dir; if any rank does not see it, all refuse (``RunDirNotShared``,
+exit 2) before anything else is written.
 """
 
 import contextlib
@@ -35,13 +40,23 @@ import torch.distributed as dist
 from engine.config import ConfigError, RunConfig
 
 LOCK_NAME = "run.lock"
+# A network filesystem may show a file made on another node a moment late (cached lookups): look this long.
+SHARED_LOOK_S = 5.0
 # Tokens of the locks this job holds (every rank learns rank 0's), so the preflight that ``setup`` runs again
 # on every rank does not take this job's own lock for another run's.
 _job_tokens: set[str] = set()
 
 
-class RunDirInUse(ConfigError):
+class RunDirRefused(ConfigError):
+    """Every rank refuses ``run.dir``: rank 0 decided and the others learnt it, so rank 0 alone says why."""
+
+
+class RunDirInUse(RunDirRefused):
     """Another live run holds ``run.dir``."""
+
+
+class RunDirNotShared(RunDirRefused):
+    """Some rank does not see rank 0's lock in its ``run.dir``: the run dir is not on a shared filesystem."""
 
 
 @dataclass(frozen=True)
@@ -264,4 +279,55 @@ def lock_run_dir(cfg: RunConfig, *, is_main: bool, world_size: int) -> RunDirLoc
     if "refusal" in outcome:
         raise RunDirInUse(outcome["refusal"])
     _job_tokens.add(outcome["token"])
+    if world_size > 1:
+        try:
+            check_shared(cfg, outcome["token"], world_size=world_size)
+        except RunDirNotShared:
+            if lock is not None:
+                lock.release()
+            raise
     return lock
+
+
+def check_shared(cfg: RunConfig, token: str, *, world_size: int) -> None:
+    """Collective: every rank sees the lock ``token`` (rank 0's) in its run.dir; raise RunDirNotShared on every
+    rank when some do not (the message names them and their hosts)."""
+    run_dir = Path(cfg.run.dir).expanduser()
+    views = [None] * world_size
+    dist.all_gather_object(views, (socket.gethostname(), _what_this_rank_sees(run_dir, token)))
+    blind = [f"rank {rank} (host {host}): {seen}" for rank, (host, seen) in enumerate(views) if seen]
+    if not blind:
+        return
+    shown = "; ".join(blind[:8]) + (f"; and {len(blind) - 8} more ranks" if len(blind) > 8 else "")
+    raise RunDirNotShared(
+        f"{run_dir} is not on a filesystem shared by all nodes: {len(blind)} of {world_size} ranks do not see "
+        f"rank 0's lock {run_dir / LOCK_NAME} there ({shown}). run.dir must be on a filesystem shared by all "
+        "nodes (NFS, Lustre, ...): every rank writes its part of each checkpoint there and a resume reads them "
+        "from one place",
+        key="run.dir",
+        source=cfg.source_of("run.dir"),
+    )
+
+
+def _what_this_rank_sees(run_dir: Path, token: str) -> str | None:
+    """None when ``run_dir`` holds the lock ``token``; else what is there instead. Reads only."""
+    deadline = time.monotonic() + SHARED_LOOK_S
+    while True:
+        try:
+            os.listdir(run_dir)  # an NFS client revalidates a folder it opens (close-to-open)
+            found = _read_owner(run_dir / LOCK_NAME)
+        except FileNotFoundError:
+            seen = "no such folder"
+        except OSError as error:
+            seen = f"cannot read it ({error.strerror})"
+        else:
+            if found is None:
+                seen = f"no {LOCK_NAME}"
+            elif found[0] is not None and found[0].token == token:
+                return None
+            else:
+                owner = found[0].describe(found[1]) if found[0] else "unreadable"
+                seen = f"another run's lock ({owner})"
+        if time.monotonic() > deadline:
+            return seen
+        time.sleep(0.25)

@@ -34,7 +34,7 @@ from engine.config import (
 )
 from engine.data_loss import EXIT_DATA_LOSS, DataLoss, DataLossError
 from engine.demo import prepare_demo
-from engine.distributed import DistInfo, init_distributed
+from engine.distributed import EXIT_UNAVAILABLE, DistInfo, RendezvousFailed, init_distributed
 from engine.divergence import (
     EXIT_DIVERGED,
     DivergedError,
@@ -45,13 +45,16 @@ from engine.divergence import (
     last_good_checkpoint,
     poison,
 )
+from engine.elastic import needs_reshard, with_universal_load
 from engine.ema import EMA
+from engine.liveness import Liveness, resume_hint
 from engine.objective import DiffusionObjective, domain_means
 from engine.optim import build_optimizer, describe_trainable, lr_lambda, param_groups, select_trainable
 from engine.preempt import EXIT_PREEMPTED, Preemption
 from engine.preflight import check_run
-from engine.randomness import object_generators
-from engine.rundir import RunDirInUse, lock_run_dir
+from engine.randomness import first_slot, object_generators
+from engine.rundir import RunDirRefused, lock_run_dir
+from engine.sample_log import SampleLog
 from engine.storage import EXIT_STORAGE, STORAGE_ADVICE, StorageFull, as_storage_full
 from engine.throughput import Throughput
 from engine.tracking import Tracker
@@ -77,20 +80,26 @@ class Run:
     validate: bool = True  # False only when the validation split is empty (allowed with validation.every=0)
     skipped: SkippedSteps = field(default_factory=SkippedSteps)
     last_checkpoint: Path | None = None  # newest checkpoint this run saved or resumed from (finite weights)
+    samples: SampleLog | None = None  # logging.sample_ids: the object ids of every micro-step
 
 
 def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     """Entry point of ``launcher/train.py``; returns the process exit code."""
-    info = init_distributed()
-    preemption = Preemption(cfg.checkpoint.preempt_grace_s, info.rank).install()
-    lock = None
     try:
+        info = init_distributed(cfg.run.rendezvous_timeout_s, cfg.run.collective_timeout_s)
+    except RendezvousFailed as err:  # a node that never came: every started rank says so in one line
+        print(f"[rank {err.rank}] {err}", file=sys.stderr, flush=True)
+        return EXIT_UNAVAILABLE
+    preemption = Preemption(cfg.checkpoint.preempt_grace_s, info.rank).install()
+    lock = liveness = None
+    try:
+        liveness = Liveness.start(info.rank, info.world_size, cfg.run.collective_timeout_s, cfg.run.dir)
         # Before anything is written (the demo may save components into run.dir): one run per run dir.
         lock = lock_run_dir(cfg, is_main=info.is_main, world_size=info.world_size)
         cfg = prepare_demo(cfg, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
         run = setup(cfg, ds_config, ds_path, info)
         loop(run, preemption)
-    except RunDirInUse as err:  # every rank learnt it from rank 0; one line is enough
+    except RunDirRefused as err:  # in use or not shared: every rank learnt it from rank 0
         if info.is_main:
             print(f"config error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -113,9 +122,16 @@ def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
         if (full := as_storage_full(err)) is not None:  # a log or config write of this rank
             print(f"[rank {info.rank}] training stopped: {full}. {STORAGE_ADVICE}", file=sys.stderr)
             return EXIT_STORAGE
+        if liveness is not None and (lost := liveness.explain(err)) is not None:  # a collective lost a rank
+            print(f"[rank {info.rank}] {lost}; {resume_hint(cfg.run.dir)}", file=sys.stderr, flush=True)
+            return EXIT_UNAVAILABLE
+        if liveness is not None:  # so the ranks this failure stops do not report this one as lost
+            liveness.leave(f"rank {info.rank} failed with {type(err).__name__}; see its traceback")
         print(f"[rank {info.rank}] training failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if liveness is not None:
+            liveness.stop()
         preemption.restore()
         if lock is not None:
             lock.release()
@@ -151,6 +167,8 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
     )  # fmt: skip
     components = _frozen_components(cfg, run_dir, info).to(info.device)
+    if needs_reshard(checked.resume, info.world_size):  # another world size: load the universal layout
+        ds = with_universal_load(ds)
     engine, counts = build_engine(cfg, ds, info)
     check_skips_nonfinite_gradients(engine, source=ds_path)
     ema = EMA(engine, cfg.train.ema_decay, cfg.train.ema_every)
@@ -159,6 +177,8 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     run.validate = checked.validate
     run.skipped.limit = cfg.train.max_bad_steps
     _resume(run, checked.resume)
+    run.samples = SampleLog(run_dir, info.rank, cfg.logging.sample_ids)
+    run.samples.start(run.start_step, is_main=info.is_main)  # collective when on
     if info.is_main:
         print(describe_trainable(counts), flush=True)
         print(f"world size {info.world_size}; starting at step {run.start_step}", flush=True)
@@ -215,7 +235,10 @@ def _resume(run: Run, found: tuple[Path, str] | None) -> None:
     if found is None:
         return
     root, tag = found
-    state = load_checkpoint(run.engine, root, tag, rank=run.info.rank, ema=run.ema)
+    info = run.info
+    state = load_checkpoint(
+        run.engine, root, tag, rank=info.rank, world_size=info.world_size, ema=run.ema, run_dir=run.run_dir
+    )
     run.loader.load_state_dict(state.data_state)
     run.start_step = state.step
     run.skipped.total = state.skipped_steps
@@ -236,7 +259,10 @@ def run_step(run: Run, batches, step: int) -> dict[str, float] | None:
         t0 = time.perf_counter()
         batch = next(batches)
         totals["data_wait_s"] += time.perf_counter() - t0
-        generators = object_generators(cfg.run.seed, step, micro_step, run.info.rank * micro, micro)
+        slots = _slots(batch, micro_step, run.info, micro)
+        if run.samples is not None:
+            run.samples.write(step + 1, micro_step, batch["object_id"], slots)
+        generators = object_generators(cfg.run.seed, step, slots)
         inputs = run.objective.prepare(batch, generators)
         loss, parts = run.objective.loss(engine, inputs)
         finite = finite_on_every_rank(loss)  # collective: every rank poisons the same micro-steps
@@ -257,6 +283,14 @@ def run_step(run: Run, batches, step: int) -> dict[str, float] | None:
     run.skipped.applied()
     run.ema.update(step + 1)
     return totals
+
+
+def _slots(batch: dict, micro_step: int, info: DistInfo, micro: int) -> list[int]:
+    """Slot-in-step of each object of ``batch``: the objects' noise keys (``engine.randomness``). The loader
+    lists each object's place in its window (a bad sample leaves a gap); a batch without it fills the window."""
+    first = first_slot(micro_step, info.rank, info.world_size, micro)
+    window = batch.get("window_slot", range(len(batch["object_id"])))
+    return [first + int(i) for i in window]
 
 
 def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -317,6 +351,8 @@ def loop(run: Run, preemption: Preemption | None = None) -> None:
         # (engine/preempt.py), so leaving them to the interpreter's exit-time terminate() would hang.
         batches.close()
         tracker.close()
+        if run.samples is not None:
+            run.samples.close()
 
 
 def _check_replicas(run: Run) -> bool:

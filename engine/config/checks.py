@@ -140,3 +140,24 @@ def _lr_multipliers(cfg: RunConfig) -> None:
             parse_lr_multiplier(entry)
         except ValueError as err:
             raise _fail(cfg, "train.lr_multipliers", str(err)) from None
+
+
+def derive_grad_accum(cfg: RunConfig, *, world_size: int) -> None:
+    """With ``train.global_batch_size`` set, fix ``train.grad_accum`` for this world size (in place).
+
+    G = micro-batch x grad-accum x world size; a G that the micro-batch and the world size do not divide is a
+    ConfigError naming the key. It overrides any train.grad_accum (a saved run_config.yaml holds the value
+    derived for its own world size).
+    """
+    t = cfg.train
+    if not t.global_batch_size:
+        return
+    per_micro_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_micro_step:
+        raise _fail(
+            cfg,
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size}) x world "
+            f"size ({world_size}) = {per_micro_step}; change one of them",
+        )
+    t.grad_accum = t.global_batch_size // per_micro_step

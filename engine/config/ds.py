@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.config.checks import derive_grad_accum
 from engine.config.errors import ConfigError
 from engine.config.schema import RunConfig
 
@@ -51,7 +52,9 @@ def resolve_ds_config(
     """A copy of ``ds`` with every "auto" filled from ``cfg`` and the batch arithmetic checked.
 
     micro-batch × grad-accum × world size must equal train_batch_size; the error says which number to change.
+    With ``train.global_batch_size`` set, ``cfg.train.grad_accum`` is first derived for this world size.
     """
+    derive_grad_accum(cfg, world_size=world_size)
     out = copy.deepcopy(ds)
     t = cfg.train
     _fill(out, "train_micro_batch_size_per_gpu", t.micro_batch_size, cfg, "train.micro_batch_size", source)

@@ -25,14 +25,33 @@ class RunSection:
     max_steps: int = opt(300, "Optimizer steps to train for (steps are counted, never epochs).", min=1)
     allow_batch_change: bool = opt(
         False,
-        "Let a resume change train.grad_accum (and so the global batch); refused otherwise. Micro-batch, "
-        "data.workers and seed can never change on resume (the saved data position depends on them).",
+        "Let a resume change the global batch (train.micro_batch_size x train.grad_accum x world size); "
+        "refused otherwise. The world size, micro-batch and data.workers may change on resume as long as the "
+        "global batch stays; the seed never (the data order depends on it).",
     )
     lock_stale_s: float = opt(
         300.0,
         "run.dir/run.lock keeps a second run out of this run dir. A lock from another host is taken over when "
         "its heartbeat (touched every few seconds) is older than this; one from this host as soon as its "
         "process is gone. Keep it well above the clock skew between nodes.",
+        min=1.0,
+    )
+    rendezvous_timeout_s: float = opt(
+        600.0,
+        "How long every rank waits at start for all WORLD_SIZE ranks to reach rank 0's node "
+        "(MASTER_ADDR:MASTER_PORT). A node that never comes up: every started rank exits (code 69) within this "
+        "plus a few seconds, saying how many ranks joined. Nodes start at different times (ssh, container and "
+        "venv start, imports and the shard checks on shared storage): keep it minutes.",
+        min=1.0,
+    )
+    collective_timeout_s: float = opt(
+        1800.0,
+        "How long a collective (all-reduce, barrier) waits for the other ranks before it fails; the run then "
+        "exits (code 69) naming the rank that went away. Validation runs on rank 0 alone while the others wait "
+        "at a barrier (so does the CPU demo's first render, one process per node), and a checkpoint save waits "
+        "for the slowest rank's writes: keep it well above the longest validation and save you expect. A rank "
+        "whose process dies is noticed at once (its sockets close); a node that vanishes without closing them "
+        "(power, network cut, a frozen process) only after this time.",
         min=1.0,
     )
 
@@ -119,7 +138,12 @@ class DataSection:
     val_background: Literal["white", "black", "gray", "random"] = opt("white", "Validation background.")
     clip_size: int = opt(224, "CLIP input size.", min=16)
     workers: int = opt(2, "DataLoader worker processes per rank (decoding and augmentation).", min=0)
-    shuffle_buffer: int = opt(64, "Sample shuffle buffer per worker (0 = no sample shuffle).", min=0)
+    shuffle_buffer: int = opt(
+        64,
+        "Samples per shuffle block of the global sample order (consecutive shards holding at least this many "
+        "are shuffled together; 0 = no sample shuffle). A resume must keep it.",
+        min=0,
+    )
     bad_sample: Literal["skip", "raise"] = opt(
         "skip",
         "On a corrupt sample or unreadable shard: skip (count, log as data/bad_samples and data/bad_shards, "
@@ -141,6 +165,13 @@ class TrainSection:
         2, "Objects per rank per forward (each object = 2*V images in joint mode).", min=1
     )
     grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
+    global_batch_size: int = opt(
+        0,
+        "Objects per optimizer step over all ranks. 0 = off (train.grad_accum decides). When set, it "
+        "overrides train.grad_accum with global_batch_size / (micro_batch_size x world size), so a run "
+        "resumed on another number of GPUs keeps its batch without other changes.",
+        min=0,
+    )
     lr: float = opt(1e-4, "Peak learning rate (AdamW).", min=0.0)
     lr_schedule: Literal["constant", "cosine"] = opt("constant", "After warmup: constant or cosine to 0.")
     warmup_steps: int = opt(100, "Linear warmup steps.", min=0)
@@ -205,6 +236,12 @@ class LoggingSection:
     wandb_entity: str = opt("", "wandb entity (user or team); env WANDB_ENTITY overrides. Set it only here.")
     run_name: str = opt("", "Run name shown in wandb/tensorboard; empty = basename of run.dir.")
     tensorboard: bool = opt(True, "Also write tensorboard event files under run.dir/tb.")
+    sample_ids: bool = opt(
+        False,
+        "Write the object ids of every micro-step to run.dir/samples/rank{r}.jsonl (one line {step, "
+        "micro_step, rank, ids, slots}; slots = each object's place in the step's global batch): an audit of "
+        "the data order, e.g. after a resume on another number of GPUs.",
+    )
     peak_tflops: float = opt(
         0.0,
         "Peak dense TFLOP/s of one device, for MFU. 0 = known GPUs auto-detected; MFU not shown on CPU.",

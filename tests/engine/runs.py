@@ -134,3 +134,80 @@ def training_records_after(run_dir: Path, line: int) -> list[dict]:
     """Training records (those with a loss) from line ``line`` of metrics.jsonl on."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()[line:]
     return [record for record in map(json.loads, lines) if "loss" in record]
+
+
+def start_node(
+    run_dir: Path,
+    cache: Path,
+    *overrides: str,
+    node_rank: int,
+    hostfile: Path,
+    port: int,
+    log: Path,
+    wrap: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """One "node" of a loopback multi-node run: ``deepspeed --no_ssh --node_rank=K`` on the tiny config, in its
+    own session (so ``os.killpg`` ends it with its ranks), stdout and stderr into ``log``.
+
+    ``wrap``: a command the launcher runs under (e.g. ``unshare`` for a mount namespace of its own)."""
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    args = [
+        *wrap,
+        deepspeed,
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        TRAIN,
+        *TINY,
+        f"run.dir={run_dir}",
+        f"data.demo_cache={cache}",
+        *overrides,
+    ]
+    node_env = env()
+    # The launcher starts "python" from PATH: make it this interpreter (the venv's).
+    node_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + node_env["PATH"]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            args, env=node_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def training_pids(launcher_pid: int) -> list[int]:
+    """The training processes (ranks, not their data workers) under a launcher process."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmdline, parent = child.cmdline(), child.ppid()
+        except psutil.NoSuchProcess:
+            continue
+        if any(arg.startswith("--local_rank=") for arg in cmdline) and TRAIN in cmdline:
+            found[child.pid] = parent
+    return [pid for pid, parent in found.items() if parent not in found]  # forked workers share the cmdline
+
+
+def start_rank(
+    run_dir: Path,
+    cache: Path,
+    *overrides: str,
+    rank: int,
+    world_size: int,
+    port: int,
+    log: Path,
+    wrap: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """One rank started the way a launcher starts it (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT set),
+    without the launcher: a "node" of one rank at a fraction of the start-up cost. Own session (``os.killpg``
+    ends it with its data workers); stdout and stderr into ``log``; ``wrap`` as in ``start_node``."""
+    rank_env = env()
+    rank_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    args = [*wrap, sys.executable, TRAIN, *TINY, f"run.dir={run_dir}", f"data.demo_cache={cache}", *overrides]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            args, env=rank_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )

@@ -155,6 +155,26 @@ def test_ds_auto_fields_are_filled(tmp_path):
     assert ds["gradient_clipping"] == 1.0
 
 
+@pytest.mark.parametrize(("world_size", "accum"), [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_global_batch_size_derives_grad_accum_for_the_world_size(tmp_path, world_size, accum):
+    """A user who changes the number of GPUs changes nothing else: the global batch stays 16."""
+    overrides = ["train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum=3"]  # overridden
+    cfg = load_config(None, overrides)
+    ds = resolve_ds_config(
+        load_ds_config(_ds(tmp_path, {})), cfg, world_size=world_size, source="ds.json", cuda=False
+    )
+    assert cfg.train.grad_accum == ds["gradient_accumulation_steps"] == accum
+    assert ds["train_batch_size"] == 16
+
+
+def test_global_batch_size_the_world_does_not_divide_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _resolve(_ds(tmp_path, {}), ["train.global_batch_size=6", "train.micro_batch_size=2"], 2)
+    message = str(err.value)
+    assert "train.global_batch_size" in message and "command line" in message and "= 4" in message, message
+    assert "\n" not in message
+
+
 BAD_DS_CONFIGS = {
     "inconsistent_batch": ({"train_batch_size": 10}, ["train_batch_size", "train.grad_accum", "ds.json"]),
     "micro_batch_contradicts": ({"train_micro_batch_size_per_gpu": 5}, ["train_micro_batch_size_per_gpu"]),

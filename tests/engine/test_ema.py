@@ -10,7 +10,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.distributed import init_distributed
+from engine.distributed import free_port, init_distributed
 from engine.ema import EMA, warm_decay
 from tests.engine.fixed_batch import fixed_batch_run, global_batch, tiny_config, train_steps
 from tests.engine.runs import REPO, env, train
@@ -131,9 +131,9 @@ def test_two_ranks_each_hold_half_of_the_ema_and_save_the_one_rank_ema(tmp_path)
 def test_resumed_two_rank_run_ends_with_the_same_ema_bit_for_bit(tmp_path, demo_cache):
     steps = ["checkpoint.every=2", "train.ema_decay=0.9", "train.precision=bf16"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(straight, demo_cache, *steps, "run.max_steps=4", nproc=2, port=29731)
-    train(resumed, demo_cache, *steps, "run.max_steps=2", nproc=2, port=29732)
-    train(resumed, demo_cache, *steps, "run.max_steps=4", nproc=2, port=29733)  # resumes at step 2
+    train(straight, demo_cache, *steps, "run.max_steps=4", nproc=2, port=free_port())
+    train(resumed, demo_cache, *steps, "run.max_steps=2", nproc=2, port=free_port())
+    train(resumed, demo_cache, *steps, "run.max_steps=4", nproc=2, port=free_port())  # resumes at step 2
     final = "checkpoints/step00000004/ema.safetensors"
     expected, got = load_file(str(straight / final)), load_file(str(resumed / final))
     assert expected.keys() == got.keys()

@@ -1,4 +1,5 @@
-"""Two "nodes" on loopback through the deepspeed launcher and a hostfile, one process each."""
+"""Two "nodes" on loopback, each started by hand with ``deepspeed --no_ssh --node_rank`` (clusters without ssh
+between nodes); the ssh launch from one command is tests/multinode/test_hostfile_launch.py."""
 
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.distributed import free_port
 from tests.engine.runs import REPO, TINY, env
 
 
@@ -17,7 +19,7 @@ def test_two_node_hostfile_run_keeps_replicas_identical(tmp_path, demo_cache):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     run_dir = tmp_path / "run"
-    port = "29811"
+    port = free_port()
     procs = []
     for node_rank in (0, 1):
         cmd = [

@@ -45,7 +45,7 @@ def test_min_snr_weights_match_diffusers_compute_snr(prediction, gamma):
         "data.mode=mix",
         "model.cd_attention_mid=false",
     )
-    inputs = obj.prepare(global_batch(2), object_generators(3, 0, 0, 0, 2))
+    inputs = obj.prepare(global_batch(2), object_generators(3, 0, range(2)))
     inputs.timesteps = torch.tensor(
         [0, 1, 50, 200, 500, 700, 900, 999, 120, 400, 650, 998]
     )  # all SNR regimes
@@ -70,7 +70,7 @@ def test_min_snr_weights_match_diffusers_compute_snr(prediction, gamma):
 def test_guidance_dropout_fractions_per_object_and_deterministic():
     obj = objective("train.drop_image_embed=0.1", "train.drop_both=0.2", "train.drop_cond_latent=0.3")
     n = 20_000
-    drop_clip, drop_latent = obj._condition_dropout(object_generators(7, 0, 0, 0, n))
+    drop_clip, drop_latent = obj._condition_dropout(object_generators(7, 0, range(n)))
     fractions = {
         "clip only": (drop_clip & ~drop_latent).float().mean().item(),
         "both": (drop_clip & drop_latent).float().mean().item(),
@@ -82,15 +82,15 @@ def test_guidance_dropout_fractions_per_object_and_deterministic():
     for name, value in fractions.items():
         assert value == pytest.approx(expected[name], abs=0.015), f"{name}: {fractions}"
     # One draw per object: objects 100..199 drop the same whether drawn in one batch or on another "rank".
-    again_clip, again_latent = obj._condition_dropout(object_generators(7, 0, 0, 100, 100))
+    again_clip, again_latent = obj._condition_dropout(object_generators(7, 0, range(100, 200)))
     assert torch.equal(again_clip, drop_clip[100:200]) and torch.equal(again_latent, drop_latent[100:200])
-    other_clip, _ = obj._condition_dropout(object_generators(8, 0, 0, 0, n))
+    other_clip, _ = obj._condition_dropout(object_generators(8, 0, range(n)))
     assert not torch.equal(other_clip, drop_clip), "another seed must give other draws"
 
 
 def test_prepare_zeroes_exactly_the_dropped_conditions():
     obj = objective("train.drop_image_embed=0.3", "train.drop_both=0.3", "train.drop_cond_latent=0.3")
-    generators = lambda: object_generators(11, 0, 0, 0, 8)  # noqa: E731 (fresh generators for each draw)
+    generators = lambda: object_generators(11, 0, range(8))  # noqa: E731 (fresh generators for each draw)
     drop_clip, drop_latent = obj._condition_dropout(generators())
     assert drop_clip.any() and (~drop_clip).any() and drop_latent.any() and (~drop_latent).any()
     inputs = obj.prepare(global_batch(8), generators())
@@ -102,12 +102,12 @@ def test_prepare_zeroes_exactly_the_dropped_conditions():
 
 def test_one_timestep_per_object_and_domain_shared_by_its_views():
     objects = 4
-    joint = objective().prepare(global_batch(objects), object_generators(5, 2, 0, 0, objects))
+    joint = objective().prepare(global_batch(objects), object_generators(5, 2, range(objects)))
     steps = joint.timesteps.view(2, objects, VIEWS)  # (domain, object, view)
     assert (steps == steps[..., :1]).all(), "views of one object and domain must share the timestep"
     assert len(set(steps[..., 0].flatten().tolist())) == 2 * objects, "independent per (object, domain)"
     mix = objective("data.mode=mix", "model.cd_attention_mid=false").prepare(
-        global_batch(objects), object_generators(5, 2, 0, 0, objects)
+        global_batch(objects), object_generators(5, 2, range(objects))
     )
     steps = mix.timesteps.view(objects, VIEWS)
     assert (steps == steps[:, :1]).all() and len(set(steps[:, 0].tolist())) == objects
@@ -116,14 +116,14 @@ def test_one_timestep_per_object_and_domain_shared_by_its_views():
 def test_noise_is_independent_per_image_and_per_object_across_batch_splits():
     objects = 4
     obj = objective()
-    whole = obj.prepare(global_batch(objects), object_generators(5, 2, 0, 0, objects))
+    whole = obj.prepare(global_batch(objects), object_generators(5, 2, range(objects)))
     noise = whole.noise.flatten(1)  # (2·B·V, 4·h·w)
     corr = torch.corrcoef(noise)
     off_diagonal = corr[~torch.eye(len(corr), dtype=torch.bool)]
     # 64 values per image: |corr| of independent draws exceeds 0.7 with p < 1e-9; a shared draw gives 1.
     assert off_diagonal.abs().max() < 0.7, f"two images share noise (|corr| {off_diagonal.abs().max():.2f})"
     # Objects 2..3 drawn as another rank's micro-batch get the same noise and timesteps as in the whole batch.
-    half = obj.prepare(slice_batch(global_batch(objects), 2, 4), object_generators(5, 2, 0, 2, 2))
+    half = obj.prepare(slice_batch(global_batch(objects), 2, 4), object_generators(5, 2, range(2, 4)))
     per_object = whole.noise.view(2, objects, VIEWS, -1)
     torch.testing.assert_close(half.noise.view(2, 2, VIEWS, -1), per_object[:, 2:], rtol=0, atol=0)
     assert torch.equal(half.timesteps.view(2, 2, VIEWS), whole.timesteps.view(2, objects, VIEWS)[:, 2:])

@@ -133,10 +133,10 @@ def test_missing_shard_listed_by_the_manifest(tmp_path, shards):
     assert_refused(tmp_path, proc, started, "data.shards", "command line", str(gone), "does not exist")
 
 
-def test_more_workers_than_shards_per_rank(tmp_path, shards):
+def test_global_batch_that_micro_batch_and_world_size_do_not_divide(tmp_path, shards):
     started = time.monotonic()
-    proc = launch(tmp_path, f"data.shards={shards}", "data.workers=8")
-    assert_refused(tmp_path, proc, started, "data.workers", str(shards), "data.workers=7")
+    proc = launch(tmp_path, f"data.shards={shards}", "train.global_batch_size=3")  # micro-batch 2, 1 rank
+    assert_refused(tmp_path, proc, started, "train.global_batch_size", "command line", "3", "= 2")
 
 
 def test_empty_validation_split_with_periodic_validation(tmp_path, shards):
@@ -155,15 +155,19 @@ def test_more_validation_objects_than_the_split_holds(tmp_path, shards):
 def test_check_flag_runs_the_same_checks(tmp_path, shards):
     args = [sys.executable, TRAIN, "--check", *TINY, f"run.dir={tmp_path / 'run'}"]
     bad = subprocess.run(
-        [*args, f"data.shards={shards}", "data.workers=8"],
+        [*args, f"data.shards={shards}", "train.global_batch_size=3"],
         env=env(),
         capture_output=True,
         text=True,
         cwd=REPO,
     )
-    assert bad.returncode == 2 and "data.workers" in bad.stderr and "Traceback" not in bad.stderr
-    good = subprocess.run(
-        [*args, f"data.shards={shards}"], env=env(), capture_output=True, text=True, cwd=REPO
+    assert bad.returncode == 2 and "train.global_batch_size" in bad.stderr and "Traceback" not in bad.stderr
+    good = subprocess.run(  # more workers than shards: fine, they read slots of one global order
+        [*args, f"data.shards={shards}", "data.workers=8"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert good.returncode == 0 and "config OK" in good.stdout, good.stderr
 

@@ -1,10 +1,14 @@
 """Resume: a SIGKILLed run continues from its newest checkpoint bit-exact; a resume that could not is refused."""
 
+import json
 import shutil
 import time
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from engine.distributed import free_port
 from tests.engine.runs import (
     launch,
     losses_by_step,
@@ -21,17 +25,16 @@ STEPS = ["run.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=2"]
 @pytest.mark.multiproc
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_sigkill_and_resume_is_bit_exact(tmp_path, demo_cache, nproc):
-    port = 29600 + nproc * 10
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(straight, demo_cache, *STEPS, nproc=nproc, port=port)
-    train_and_kill(crashed, demo_cache, *STEPS, kill_after_step=5, nproc=nproc, port=port + 1)
+    train(straight, demo_cache, *STEPS, nproc=nproc, port=free_port())
+    train_and_kill(crashed, demo_cache, *STEPS, kill_after_step=5, nproc=nproc, port=free_port())
     before = losses_by_step(crashed)
     assert max(before) >= 5 and max(before) < 8, "the kill must land mid-run"
     checkpoint = (crashed / "checkpoints" / "latest").read_text()
     resume_step = int(checkpoint.removeprefix("step"))
     assert 4 <= resume_step < 8, checkpoint
     logged = resume_step  # the resume keeps one record per step up to its checkpoint and drops the rest
-    out = train(crashed, demo_cache, *STEPS, nproc=nproc, port=port + 2)
+    out = train(crashed, demo_cache, *STEPS, nproc=nproc, port=free_port())
 
     # The second run started at the checkpoint and trained only the steps after it.
     assert f"starting at step {resume_step}" in out.stdout, out.stdout[-2000:]
@@ -64,22 +67,51 @@ def finished(tmp_path_factory, demo_cache):
     return run_dir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "change",
-    ["train.micro_batch_size=1", "data.workers=2", "run.seed=7", "train.grad_accum=2"],
-)
-def test_resume_with_another_data_stream_or_global_batch_is_refused(finished, demo_cache, change):
+def _refused(finished, demo_cache, *overrides: str) -> str:
+    """Launch a resume of ``finished`` that must be refused: exit 2, one line, quickly, nothing written."""
     before = {name: (finished / name).read_bytes() for name in WRITTEN}
     started = time.monotonic()
-    proc = launch(finished, demo_cache, *FIRST, "run.max_steps=4", change, port=29642)
+    proc = launch(finished, demo_cache, *FIRST, "run.max_steps=4", *overrides)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    key = change.split("=")[0]
-    saved = finished / "checkpoints" / "step00000002" / "run_config.yaml"
-    assert key in lines[0] and "command line" in lines[0] and str(saved) in lines[0], lines[0]
     assert time.monotonic() - started < 30, "refused before the process group and the checkpoint load"
     assert {name: (finished / name).read_bytes() for name in WRITTEN} == before
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ("run.seed=7", ["run.seed", "command line", "7", "ran with 42"]),
+        ("train.grad_accum=2", ["train.grad_accum", "from 2 to 4 objects", "train.grad_accum=1 keeps it"]),
+        # micro-batch 1 on 1 rank: the global batch would halve; accum 2 keeps it (the elastic tests run that)
+        (
+            "train.micro_batch_size=1",
+            ["train.grad_accum", "from 2 to 1 objects", "train.grad_accum=2 keeps it"],
+        ),
+    ],
+)
+def test_resume_with_another_seed_or_global_batch_is_refused(finished, demo_cache, change, words):
+    line = _refused(finished, demo_cache, change)
+    saved = finished / "checkpoints" / "step00000002" / "run_config.yaml"
+    for word in [str(saved), *words]:
+        assert word in line, f"{word!r} missing from: {line}"
+
+
+@pytest.mark.slow
+def test_resume_of_a_v01_data_position_is_refused(finished, demo_cache, tmp_path):
+    """A v0.1 checkpoint's stream state (per-worker shard cursors) has no place in the global order."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    rank_file = run_dir / "checkpoints" / "step00000002" / "gnn3d_rank00000.safetensors"
+    with safe_open(str(rank_file), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["gnn3d"])  # noqa: SIM118
+    meta["data_state"] = {"format": "gnn3d-stream-state/1", "seed": 42, "positions": []}
+    save_file(tensors, str(rank_file), metadata={"gnn3d": json.dumps(meta)})
+    line = _refused(run_dir, demo_cache)
+    for word in ("run.resume", "gnn3d-stream-state/1", "model.unet="):
+        assert word in line, f"{word!r} missing from: {line}"
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def test_optimizer_state_covers_only_trainable_parameters():
 
 
 def test_mix_mode_domains_are_fair_coins():
-    draws = torch.cat([choose_normal_domain(object_generators(0, step, 0, 0, 8)) for step in range(250)])
+    draws = torch.cat([choose_normal_domain(object_generators(0, step, range(8))) for step in range(250)])
     assert abs(draws.float().mean().item() - 0.5) < 0.05  # 2000 draws: 5 % is > 4 standard deviations
 
 
@@ -56,7 +56,7 @@ def test_mix_mode_marks_each_object_with_its_domain_one_hot():
     info = init_distributed()
     run = fixed_batch_run(tiny_config("data.mode=mix", "model.cd_attention_mid=false"), info)
     batch = global_batch(4)
-    inputs = run.objective.prepare(batch, object_generators(0, 1, 0, 0, 4))
+    inputs = run.objective.prepare(batch, object_generators(0, 1, range(4)))
     views = batch["camera_embed_image"].shape[1]
     # The last 4 of the 10 values are sin/cos of the domain one-hot: normal = [1, 0], color = [0, 1].
     normal_hot = torch.sin(torch.tensor([1.0, 0.0]))

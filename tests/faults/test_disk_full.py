@@ -21,11 +21,6 @@ EXIT_STORAGE = 74  # engine.storage.EXIT_STORAGE, spelled out so the test also r
 SAVES = ["checkpoint.every=2", "checkpoint.keep_last=3"]
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
 def launch_with(run_dir: Path, cache: Path, *overrides: str, preexec_fn=None) -> subprocess.CompletedProcess:
     """``tests.engine.runs.launch`` with a ``preexec_fn`` (the resource limit goes on the training process)."""
     args = [*command(1, 0), *TINY, f"run.dir={run_dir}", f"data.demo_cache={cache}", *overrides]

@@ -24,11 +24,6 @@ EXIT_DIVERGED = 3  # engine.divergence.EXIT_DIVERGED, spelled out so the test al
 DS_DIR = REPO / "ds_configs"
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,11 +10,6 @@ from tests.engine.runs import losses_by_step, train, train_and_kill
 STEPS = ["run.max_steps=8", "checkpoint.every=4", "checkpoint.keep_last=2"]
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
 def training_records(run_dir) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if "loss" in record]

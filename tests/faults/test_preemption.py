@@ -30,11 +30,6 @@ SIGNAL_AFTER_STEP = 3
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, demo_cache):
     """The uninterrupted run (per number of processes) every preempted one must match, loss for loss."""
     runs: dict[int, dict] = {}

@@ -24,11 +24,6 @@ STALE_S = 300
 SECOND_LR = 0.000321
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_cache")
-
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
