@@ -6,6 +6,8 @@ objects differ and any mix-up between them shows in the pixels.
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,17 @@ def make_shards(tmp: Path, count: int, per_shard: int, res: int = 32, val_fracti
     make_render_root(src, count, res=res)
     convert(src, out, ConvertOptions(samples_per_shard=per_shard, val_fraction=val_fraction))
     return out
+
+
+def corrupt_member(path: Path, member: str) -> str:
+    """Replace the bytes of the first sample's `member` (e.g. normals_left.png) with garbage; its object key."""
+    with tarfile.open(path) as tar:
+        items = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    victim = next(info for info, _ in items if info.name.endswith(f".{member}"))
+    with tarfile.open(path, "w") as tar:
+        for info, data in items:
+            if info is victim:
+                data = b"\x89PNG\r\n\x1a\n but the rest is garbage"
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return victim.name.split(".", 1)[0]

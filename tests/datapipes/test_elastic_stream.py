@@ -10,16 +10,14 @@ tar order, which is what makes that computable without reading a shard.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_stream import make_shards
+from fixtures_stream import corrupt_member, make_shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -191,26 +189,13 @@ def test_refusals(shards, tmp_path):
 # ----------------------------------------------------------------------------------- bad data
 
 
-def corrupt_first_sample(path: Path, member: str) -> str:
-    with tarfile.open(path) as tar:
-        items = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
-    victim = next(info for info, _ in items if info.name.endswith(f".{member}"))
-    with tarfile.open(path, "w") as tar:
-        for info, data in items:
-            if info is victim:
-                data = b"not a png"
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return victim.name.split(".", 1)[0]
-
-
 @pytest.fixture
 def damaged(shards, tmp_path) -> tuple[Path, set[str]]:
     """A copy with a corrupt sample, a tar cut inside a member, one cut at a header (tarfile reads it as a
     shorter valid tar: only the manifest's count shows the loss) and a deleted shard; the ids that cannot be read."""
     copy = Path(shutil.copytree(shards, tmp_path / "damaged"))
     objects, train = shard_objects(copy), copy / "train"
-    bad = {corrupt_first_sample(train / "shard-000001.tar", "rgb_front.png")}
+    bad = {corrupt_member(train / "shard-000001.tar", "rgb_front.png")}
     truncated = train / "shard-000003.tar"
     truncated.write_bytes(truncated.read_bytes()[: int(truncated.stat().st_size * 0.5)])
     bad |= set(objects[3][len(index_shard(str(truncated)).samples) :])

@@ -7,11 +7,9 @@ Shards: 16 disc objects at 32², 2 per shard (6 train shards of 2 samples, 2 val
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from datapipes.shards import build_train_loader
 from datapipes.transform import TransformOptions
-from tests.datapipes.fixtures_stream import make_shards
+from tests.datapipes.fixtures_stream import corrupt_member, make_shards
 from tests.engine import runs
 
 EXIT_DATA_LOSS = (
@@ -48,20 +46,6 @@ def truncate(path: Path, keep: float) -> None:
     """Cut a tar file to a share of its bytes (a partial copy, a full disk at conversion time)."""
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-
-
-def corrupt_member(path: Path, member: str) -> str:
-    """Replace the bytes of the first sample's `member` (e.g. normals_left.png) with garbage; its object key."""
-    with tarfile.open(path) as tar:
-        items = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
-    victim = next(info for info, _ in items if info.name.endswith(f".{member}"))
-    with tarfile.open(path, "w") as tar:
-        for info, data in items:
-            if info is victim:
-                data = b"\x89PNG\r\n\x1a\n but the rest is garbage"
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return victim.name.split(".", 1)[0]
 
 
 def report(run_dir: Path) -> dict:
