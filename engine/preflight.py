@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datapipes.manifest import ManifestError
-from datapipes.shard_io import ShardInfo, resolve_shards
-from datapipes.stream_state import StreamStateError, check_resumable, merge_stream_states
+from datapipes.shard_io import ShardInfo, resolve_shards, shard_name
+from datapipes.stream_state import StreamStateError, check_resumable, merge_stream_states, shards_fingerprint
 from engine.checkpoint import check_same_architecture, find_resume_dir
 from engine.config import ConfigError, RunConfig, load_config
 from engine.config.checks import derive_grad_accum
@@ -257,6 +257,35 @@ def _check_stream_state(cfg: RunConfig, tag_dir: Path, *, world_size: int) -> No
         check_resumable(merged, world_size=world_size, batch_size=cfg.train.micro_batch_size)
     except StreamStateError as error:
         raise _fail(cfg, "run.resume", f"{tag_dir}: {error}") from None
+    # The order depends on these too; the loader would refuse them only after the model and engine are built.
+    if merged["shuffle_buffer"] != cfg.data.shuffle_buffer:
+        raise _fail(
+            cfg,
+            "data.shuffle_buffer",
+            f"{cfg.data.shuffle_buffer}, but the checkpoint {tag_dir} read the data in shuffle blocks of "
+            f"{merged['shuffle_buffer']}: its data position means nothing in another order. Set it back",
+        )
+    if _train_shards_fingerprint(cfg) not in (None, merged["shards"]):
+        raise _fail(
+            cfg,
+            "data.shards",
+            f"{cfg.data.shards} lists other shards (file names or sample counts) than the checkpoint {tag_dir} "
+            "was reading: its data position means nothing in them. Point data.shards back at those shards, or "
+            "start a new run.dir (model.unet=<this run dir> starts from its weights)",
+        )
+
+
+def _train_shards_fingerprint(cfg: RunConfig) -> str | None:
+    """The stream's fingerprint of the training shards, or None when unknown here (no manifest counts, or
+    a problem that ``check_data`` reports in its own words)."""
+    try:
+        shards = resolve_shards(cfg.data.shards, "train") if cfg.data.shards else []
+    except (ManifestError, OSError):
+        return None
+    counts = [shard.samples for shard in shards]
+    if not shards or None in counts:
+        return None
+    return shards_fingerprint([shard_name(shard.url) for shard in shards], counts)
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -90,13 +90,28 @@ def _refused(finished, demo_cache, *overrides: str) -> str:
             "train.micro_batch_size=1",
             ["train.grad_accum", "from 2 to 1 objects", "train.grad_accum=2 keeps it"],
         ),
+        # the global order depends on these: refused before the model is built, not by the loader after it
+        ("data.shuffle_buffer=8", ["data.shuffle_buffer", "8, but", "shuffle blocks of 4"]),
     ],
 )
-def test_resume_with_another_seed_or_global_batch_is_refused(finished, demo_cache, change, words):
+def test_resume_with_another_seed_global_batch_or_data_order_is_refused(finished, demo_cache, change, words):
     line = _refused(finished, demo_cache, change)
-    saved = finished / "checkpoints" / "step00000002" / "run_config.yaml"
-    for word in [str(saved), *words]:
+    checkpoint = finished / "checkpoints" / "step00000002"  # each line names the checkpoint it compared with
+    for word in [str(checkpoint), *words]:
         assert word in line, f"{word!r} missing from: {line}"
+
+
+@pytest.mark.slow
+def test_resume_on_other_shards_is_refused_before_the_model_is_built(finished, demo_cache):
+    """Other shards (here: the demo rendered with 20 objects) have another global order; the loader would only
+    notice after the engine is built. The demo's render progress comes first; then one line, exit 2."""
+    before = {name: (finished / name).read_bytes() for name in WRITTEN}
+    proc = launch(finished, demo_cache, *FIRST, "run.max_steps=4", "data.demo_objects=20")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    for word in ("data.shards", "lists other shards", str(finished / "checkpoints" / "step00000002")):
+        assert word in line, f"{word!r} missing from: {line}"
+    assert {name: (finished / name).read_bytes() for name in WRITTEN} == before
 
 
 @pytest.mark.slow
