@@ -17,7 +17,6 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from engine.checkpoint import checkpoint_root, read_latest
+from engine.console import say
 from engine.distributed import EXIT_UNAVAILABLE, master_address, uses_agent_store
 
 __all__ = ["EXIT_UNAVAILABLE", "Liveness", "is_peer_failure", "resume_hint"]
@@ -202,11 +202,9 @@ class Liveness:
                 return
             self.leave(f"stopped after: {verdict}")
             _bounded(lambda s=stale: self._serve_the_others(s, interval + _SERVE_S), interval + _SERVE_S + 1)
-            print(
+            say(
                 f"[rank {self.rank}] {verdict} (run.collective_timeout_s={self._collective_timeout_s:g}); the run "
-                f"stopped (exit {EXIT_UNAVAILABLE}); {resume_hint(self._run_dir)}",
-                file=sys.stderr,
-                flush=True,
+                f"stopped (exit {EXIT_UNAVAILABLE}); {resume_hint(self._run_dir)}"
             )
             os._exit(EXIT_UNAVAILABLE)  # the main thread is stuck in C++: no other way out
 

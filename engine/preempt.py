@@ -14,12 +14,13 @@ own session, forwards SIGTERM (SIGKILL 30 s later) and dies on SIGUSR1 without f
 
 import os
 import signal
-import sys
 import threading
 import time
 
 import torch
 import torch.distributed as dist
+
+from engine.console import say
 
 # sysexits.h EX_TEMPFAIL ("try again later"): the checkpoint of the last step is complete, start the run again.
 # Not 143 (128 + SIGTERM): a shell reports that for a process SIGTERM killed before it saved anything.
@@ -99,11 +100,9 @@ class Preemption:
         left = self.grace_s - (time.monotonic() - since)
         if self.rank == 0:
             how = signal.Signals(self.signum).name if self.signum else "a preemption signal on another rank"
-            print(
+            say(
                 f"preempted ({how}) after step {step}: saving a checkpoint, then exiting with code "
-                f"{EXIT_PREEMPTED} ({left:.1f} s of checkpoint.preempt_grace_s={self.grace_s:g} left)",
-                file=sys.stderr,
-                flush=True,
+                f"{EXIT_PREEMPTED} ({left:.1f} s of checkpoint.preempt_grace_s={self.grace_s:g} left)"
             )
         if self.grace_s > 0:
             threading.Thread(target=self._expire, args=(step, left), daemon=True).start()
@@ -111,11 +110,9 @@ class Preemption:
     def _expire(self, step: int, left: float) -> None:
         if self._saved.wait(max(left, 0.0)):
             return
-        print(
+        say(
             f"[rank {self.rank}] preempted: the checkpoint of step {step} did not finish within "
             f"checkpoint.preempt_grace_s={self.grace_s:g} s; exiting (checkpoints/latest still names the previous "
-            f"complete checkpoint, if any; raise the key together with the cluster's grace period)",
-            file=sys.stderr,
-            flush=True,
+            f"complete checkpoint, if any; raise the key together with the cluster's grace period)"
         )
         os._exit(EXIT_SAVE_TOO_SLOW)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from engine.config import ConfigError, RunConfig
+from engine.console import say
 
 LOCK_NAME = "run.lock"
 # A network filesystem may show a file made on another node a moment late (cached lookups): look this long.
@@ -198,11 +199,9 @@ class RunDirLock:
         while not self._stop.wait(interval):
             found = _read_owner(self.path)
             if found is None or found[0] != self.owner:
-                print(
+                say(
                     f"warning: {self.path}: this run lost its run dir lock (another run took it over); "
-                    "its heartbeat stops",
-                    file=sys.stderr,
-                    flush=True,
+                    "its heartbeat stops"
                 )
                 return
             with contextlib.suppress(OSError):  # a full or flaky filesystem: the next beat tries again
