@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers==0.0.35"],  # CUDA only (built against torch 2.13); SDPA is used elsewhere
-        "test": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
+        "bench": ["matplotlib>=3.8"],  # benchmarks/: the scaling plot
+        "test": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100", "matplotlib>=3.8"],
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6.100"],
     },
 )

@@ -7,21 +7,24 @@ workers, at two stages: ``example`` = decode + `make_example` + `collate` (the f
 - ``folder``:   `build_folder_loader` over the render folders (one file open per image + RT files);
 - ``ceiling``:  a map-style dataset over the encoded objects already in memory: decode + transform only.
 
-    python benchmarks/bench_data.py                       # 64 objects at 256², 2 workers
-    python benchmarks/bench_data.py --objects 128 --epochs 3 --out benchmarks/results/data.json
+The ratio is streamer / folder (goal ≥ 1.5×) on full examples; streamer / ceiling (goal ≥ 0.8×) and the
+per-object cost of decode and of the transform alone (one thread, in this process) are in ``raw``.
+
+    python benchmarks/bench_data.py            # 64 objects at 256², 2 workers, 2 epochs, 3 repeats
+    python benchmarks/bench_data.py --quick    # 32 objects, 1 epoch, 2 repeats
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from common import main_args, write_result
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datapipes.convert import ConvertOptions, convert
@@ -33,6 +36,26 @@ from datapipes.shards import ResumableLoader, ShardStream
 from datapipes.stream_state import example_rng
 from datapipes.synth.dataset import render_dataset
 from datapipes.transform import TransformOptions, collate, make_example
+
+GOAL_FOLDER, GOAL_CEILING = 1.5, 0.8
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures; ``run`` picks the full or quick sizes, the smoke test smaller ones."""
+
+    objects: int = 64
+    res: int = 256
+    workers: int = 2
+    batch_size: int = 4
+    epochs: int = 2
+    samples_per_shard: int = 8
+    shuffle_buffer: int = 16
+    repeats: int = 3
+    stages: tuple[str, ...] = ("decode", "example")
+
+
+QUICK = Sizes(objects=32, epochs=1, repeats=2)
 
 
 def _finish(sample: MultiViewSample, opts: TransformOptions | None, epoch: int) -> dict:
@@ -103,27 +126,53 @@ def _ceiling_batches(shards: Path, args, opts: TransformOptions, stage: str):
         )
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Render, convert, then time the three loaders; returns the result record."""
+def run(quick: bool, sizes: Sizes | None = None) -> dict:
+    """Render, convert, then time the three loaders side by side; returns the result payload."""
+    args = sizes or (QUICK if quick else Sizes())
     torch.set_num_threads(1)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_"))
-    src, shards = work / "src", work / "shards"
-    render_dataset(src, args.objects, res=args.res, seed=0, workers=args.workers)
-    convert(src, shards, ConvertOptions(samples_per_shard=args.samples_per_shard, val_fraction=0.0))
-    opts = TransformOptions(resolution=args.res)
-    record = {
-        "benchmark": "bench_data",
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "load_average_before": os.getloadavg()[0],
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        src, shards = Path(tmp) / "src", Path(tmp) / "shards"
+        render_dataset(src, args.objects, res=args.res, seed=0, workers=max(args.workers, 1))
+        convert(src, shards, ConvertOptions(samples_per_shard=args.samples_per_shard, val_fraction=0.0))
+        opts = TransformOptions(resolution=args.res)
+        raw = {"load_average_before": os.getloadavg()[0], "per_object_ms": _per_object_ms(shards, opts)}
+        for stage in args.stages:
+            raw[stage] = _run_stage(src, shards, args, opts, stage)
+    raw["load_average_after"] = os.getloadavg()[0]
+    main_stage = raw["example" if "example" in args.stages else args.stages[-1]]
+    vs_folder, vs_ceiling = main_stage["streamer_vs_folder"], main_stage["streamer_vs_ceiling"]
+    best = main_stage["best_samples_per_s"]
+    return {
+        "config": asdict(args),
+        "raw": raw,
+        "ratio": vs_folder,
+        "goal": f">= {GOAL_FOLDER}x folder; >= {GOAL_CEILING}x ceiling",
+        "met": vs_folder >= GOAL_FOLDER and vs_ceiling >= GOAL_CEILING,
+        "baseline": "folder dataset (and the in-memory decode+transform ceiling), same workers",
+        "summary": (
+            f"shard streamer {best['streamer']:.1f} samples/s vs folder {best['folder']:.1f} and in-memory "
+            f"ceiling {best['ceiling']:.1f} ({vs_ceiling:.2f}x ceiling); transform "
+            f"{raw['per_object_ms']['transform']:.1f} ms/object, decode {raw['per_object_ms']['decode']:.1f}."
+        ),
     }
-    for stage in args.stages:
-        record[stage] = _run_stage(src, shards, args, opts, stage)
-    record["load_average_after"] = os.getloadavg()[0]
-    return record
 
 
-def _stream_batches(shards: Path, args: argparse.Namespace, opts: TransformOptions, stage: str):
+def _per_object_ms(shards: Path, opts: TransformOptions, limit: int = 8) -> dict:
+    """Decode and transform cost per object on one thread in this process (best of 3 passes)."""
+    raws = [raw for info in resolve_shards(str(shards)) for raw in iter_raw_objects(info.url)][:limit]
+    decode, transform = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        samples = [decode_raw_object(raw) for raw in raws]
+        middle = time.perf_counter()
+        for sample in samples:
+            make_example(sample, opts, example_rng(0, 0, sample.object_id))
+        decode.append((middle - start) / len(raws))
+        transform.append((time.perf_counter() - middle) / len(raws))
+    return {"decode": round(1000 * min(decode), 2), "transform": round(1000 * min(transform), 2)}
+
+
+def _stream_batches(shards: Path, args: Sizes, opts: TransformOptions, stage: str):
     stream_cls = DecodeOnlyStream if stage == "decode" else ShardStream
     stream = stream_cls(
         resolve_shards(str(shards)), batch_size=args.batch_size, rank=0, world_size=1, seed=0, transform=opts,
@@ -132,7 +181,7 @@ def _stream_batches(shards: Path, args: argparse.Namespace, opts: TransformOptio
     return ResumableLoader(stream, args.workers)
 
 
-def _run_stage(src: Path, shards: Path, args: argparse.Namespace, opts: TransformOptions, stage: str) -> dict:
+def _run_stage(src: Path, shards: Path, args: Sizes, opts: TransformOptions, stage: str) -> dict:
     """Time the three loaders in rotation `repeats` times; the best run of each is the least disturbed
     by other processes on a shared machine, so ratios use the best, and every run is kept."""
     total = args.objects * args.epochs
@@ -154,41 +203,19 @@ def _run_stage(src: Path, shards: Path, args: argparse.Namespace, opts: Transfor
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--objects", type=int, default=64, help="synthetic objects (default: 64)")
-    parser.add_argument(
-        "--res", type=int, default=256, help="image resolution, also the transform's (default: 256)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="DataLoader workers for every loader (default: 2)"
-    )
-    parser.add_argument("--batch-size", type=int, default=4, help="objects per batch (default: 4)")
-    parser.add_argument(
-        "--epochs", type=int, default=2, help="passes over the objects per loader (default: 2)"
-    )
-    parser.add_argument("--samples-per-shard", type=int, default=8, help="objects per shard (default: 8)")
-    parser.add_argument("--shuffle-buffer", type=int, default=16, help="streamer shuffle block (default: 16)")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per loader, in rotation (default: 3)"
-    )
-    parser.add_argument("--stages", nargs="+", default=["decode", "example"], choices=("decode", "example"),
-                        help="what each loader produces: decoded samples and/or full training examples (default: both)")  # fmt: skip
-    parser.add_argument("--work-dir", help="where to render and convert (default: a new temp folder)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data.json"),
-                        help="JSON result file (default: benchmarks/results/data.json)")  # fmt: skip
-    return parser.parse_args(argv)
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--objects", type=int, help="synthetic objects (default: 64, quick 32)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for every loader (default: 2)")
+    parser.add_argument("--repeats", type=int, help="timed runs per loader, in rotation (default: 3)")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    record = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(json.dumps(record, indent=1))
-    return record
+    args = main_args(__doc__, argv, _add_args)
+    sizes = QUICK if args.quick else Sizes()
+    chosen = {k: v for k, v in vars(args).items() if k != "quick" and v is not None}
+    payload = run(args.quick, replace(sizes, **chosen))
+    print(f"{write_result('data', payload)}: {payload['summary']}")
+    return payload
 
 
 if __name__ == "__main__":

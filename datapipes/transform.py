@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datapipes.cameras import camera_embedding, rotate_normals_to_cond
+from datapipes.cameras import camera_embedding, relative_rotation
 from datapipes.sample import MultiViewSample, SampleError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,11 +96,6 @@ def composite(rgb01: np.ndarray, alpha01: np.ndarray, background: np.ndarray) ->
     return out
 
 
-def _to_chw(images_hwc: np.ndarray) -> torch.Tensor:
-    """float [..., H, W, C] -> contiguous float32 tensor [..., C, H, W]."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(images_hwc, -1, -3), dtype=np.float32))
-
-
 def clip_preprocess(image_cond: torch.Tensor, clip_size: int) -> torch.Tensor:
     """CLIP input: bicubic (antialiased) resize of [3,H,W] in [0,1] to clip_size², clamp, CLIP mean/std."""
     resized = F.interpolate(
@@ -111,20 +106,43 @@ def clip_preprocess(image_cond: torch.Tensor, clip_size: int) -> torch.Tensor:
     return (resized - mean) / std
 
 
-def _color_views(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """uint8 RGBA [..., H, W, 4] -> composited float32 RGB [..., H, W, 3] in [0,1]."""
-    as_float = rgba.astype(np.float32) * np.float32(1.0 / 255.0)
-    return composite(as_float[..., :3], as_float[..., 3:], background)
+def _rgba01(rgba: np.ndarray) -> torch.Tensor:
+    """uint8 RGBA [..., H, W, 4] -> float32 [..., 4, H, W] in [0,1], channels first and contiguous.
+
+    De-interleaved while still uint8 (a quarter of the bytes to shuffle), so every float pass after it runs
+    over contiguous planes; the channels-last float version strode over interleaved RGBA at ~2× the cost.
+    """
+    planes = torch.from_numpy(np.ascontiguousarray(rgba)).movedim(-1, -3).contiguous()
+    return planes.float().mul_(1.0 / 255.0)
 
 
-def _normal_views(sample: MultiViewSample, normal_rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """View-frame normals RGBA [V,H,W,4] -> condition-frame normals composited, float32 [V,H,W,3] in [0,1]."""
-    as_float = normal_rgba.astype(np.float32) * np.float32(1.0 / 255.0)
-    normals = as_float[..., :3] * 2.0 - 1.0
-    rotated = rotate_normals_to_cond(normals, sample.cond_w2c, sample.w2c)
+def _composite_chw(rgb01: torch.Tensor, alpha01: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """(rgb - bg) * a + bg, channels first; the same float32 operations, in the same order, as `composite`."""
+    out = rgb01 - background
+    out *= alpha01
+    out += background
+    return out
+
+
+def _color_views(rgba: np.ndarray, background: torch.Tensor) -> torch.Tensor:
+    """uint8 RGBA [..., H, W, 4] -> composited float32 RGB [..., 3, H, W] in [0,1]."""
+    as_float = _rgba01(rgba)
+    return _composite_chw(as_float[..., :3, :, :], as_float[..., 3:, :, :], background)
+
+
+def _normal_views(sample: MultiViewSample, normal_rgba: np.ndarray, background: torch.Tensor) -> torch.Tensor:
+    """View-frame normals RGBA [V,H,W,4] -> condition-frame normals composited, float32 [V,3,H,W] in [0,1]."""
+    as_float = _rgba01(normal_rgba)
+    normals = as_float[:, :3] * 2.0 - 1.0
+    rotation = torch.from_numpy(relative_rotation(sample.cond_w2c, sample.w2c).astype(np.float32))
+    rotation = rotation[..., None, None]  # [V, 3, 3, 1, 1]: broadcast over H, W
+    # n'_i = sum_j R_ij n_j as three multiply-adds in the order of cameras.rotate_normals_to_cond
+    rotated = normals[:, 0:1] * rotation[:, :, 0]
+    rotated += normals[:, 1:2] * rotation[:, :, 1]
+    rotated += normals[:, 2:3] * rotation[:, :, 2]
     # Rotating quantised / resampled normals can leave [-1,1] by a hair; the contract promises [0,1].
-    encoded = np.clip(rotated * 0.5 + 0.5, 0.0, 1.0)
-    return composite(encoded, as_float[..., 3:], background)
+    encoded = rotated.mul_(0.5).add_(0.5).clamp_(0.0, 1.0)
+    return _composite_chw(encoded, as_float[:, 3:], background)
 
 
 def make_example(
@@ -141,11 +159,11 @@ def make_example(
         sample = sample.select(opts.views)  # a no-op when the reader already decoded just these views
     if sample.num_views != opts.num_views:
         raise sample.error("view_names", f"{sample.num_views} views, transform expects {opts.num_views}")
-    background = pick_background(opts.background, rng)
+    background = torch.from_numpy(pick_background(opts.background, rng)).view(3, 1, 1)
     res = opts.resolution
-    image_cond = _to_chw(_color_views(resize_rgba(sample.cond_rgba, res), background))
-    image_target = _to_chw(_color_views(resize_rgba(sample.color_rgba, res), background))
-    normal_target = _to_chw(_normal_views(sample, resize_rgba(sample.normal_rgba, res), background))
+    image_cond = _color_views(resize_rgba(sample.cond_rgba, res), background)
+    image_target = _color_views(resize_rgba(sample.color_rgba, res), background)
+    normal_target = _normal_views(sample, resize_rgba(sample.normal_rgba, res), background)
     example = {
         "object_id": sample.object_id,
         "image_cond": image_cond,

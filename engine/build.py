@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, RunConfig
+from engine.recompute import checkpoint_keeping_attention
 from engine.sources import is_run_dir, resolve_pretrained, run_weights
 from modeling.components import Components, load_components, tiny_components
 from modeling.convert_2d import load_from_2d_unet
@@ -43,6 +44,22 @@ def build_components(cfg: RunConfig, saved: Path | None = None) -> Components:
     return components.freeze()
 
 
+# train.precision -> the dtype the frozen encoders run in during training
+TRAINING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def in_training_precision(components: Components, cfg: RunConfig) -> Components:
+    """The frozen VAE and CLIP image encoder cast in place to ``train.precision`` (fp32 stays fp32): they only
+    run forward, and in fp32 they cost more than the UNet in small runs. Cast after the run saved its
+    components and hashed them (export and the latents' encoder identity read fp32 weights). Measured on this
+    2-core CPU (avx512_bf16), tiny VAE encode + CLIP: bf16 0.30 s vs fp32 0.60 s for 12 images of 256²."""
+    dtype = TRAINING_DTYPES[cfg.train.precision]
+    for model in (components.vae, components.image_encoder):
+        # nn.Module.to: diffusers' own .to(dtype) warns about fp32-only modules, which these models lack
+        torch.nn.Module.to(model, dtype=dtype)
+    return components
+
+
 def build_unet(cfg: RunConfig) -> MVUNet:
     """The trainable UNet: from model.unet (gnn3d/Wonder3D folder), a 2D pretrained UNet, or tiny config."""
     mv = multiview_options(cfg)
@@ -72,7 +89,7 @@ def build_unet(cfg: RunConfig) -> MVUNet:
         )
         unet = MVUNet.from_config(config)
     if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(checkpoint_keeping_attention)
     return unet
 
 

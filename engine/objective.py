@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datapipes.latent_stream import LATENT_BATCH_KEY
 from engine.config import RunConfig
 from engine.randomness import rand_per_object, randint_per_object, randn_per_object
 from modeling.components import Components
@@ -33,23 +34,27 @@ class ModelInputs:
 DOMAINS = {"normal": True, "color": False}  # logged name -> value of ModelInputs.is_normal
 
 
-def domain_sums(per_image: Tensor, is_normal: Tensor) -> dict[str, float]:
+def domain_sums(per_image: Tensor, is_normal: Tensor) -> dict[str, Tensor]:
     """Sum and image count of the per-image loss of each domain: ``loss_<domain>_sum``, ``loss_<domain>_images``.
 
-    Sums and counts add up over micro-steps and ranks; ``domain_means`` divides them at the end, so a domain
-    that a micro-batch lacks (mix mode) contributes nothing instead of a NaN.
+    0-d tensors on the loss's device, so no micro-step waits for the device (a boolean-mask select or
+    ``.item()`` would): the train loop adds them up and reads them once per logging interval. Sums and counts
+    add up over micro-steps, steps and ranks; ``domain_means`` divides them at the end, so a domain that a
+    micro-batch lacks (mix mode) contributes nothing instead of a NaN.
     """
     out = {}
     for domain, normal in DOMAINS.items():
-        mine = per_image[is_normal == normal]
-        out[f"loss_{domain}_sum"] = mine.sum().item()
-        out[f"loss_{domain}_images"] = float(mine.numel())
+        mine = is_normal == normal
+        # where, not a product: another domain's non-finite loss must not leak into this domain's sum
+        out[f"loss_{domain}_sum"] = torch.where(mine, per_image, 0.0).sum()
+        out[f"loss_{domain}_images"] = mine.sum(dtype=per_image.dtype)
     return out
 
 
 def domain_means(values: dict[str, float]) -> dict[str, float]:
-    """``values`` with each domain's sum/count pair replaced by ``loss_<domain>``, the mean over the images (and
-    so the objects, each having the same views) that had it; a domain no image of the step had is left out."""
+    """``values`` (read from the device: floats) with each domain's sum/count pair replaced by ``loss_<domain>``,
+    the mean over the images (and so the objects, each having the same views) that had it; a domain no image
+    of the step had is left out."""
     out = dict(values)
     for domain in DOMAINS:
         total, images = out.pop(f"loss_{domain}_sum"), out.pop(f"loss_{domain}_images")
@@ -58,13 +63,27 @@ def domain_means(values: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _per_object(normal: Tensor, color: Tensor, is_normal: Tensor) -> Tensor:
+    """Per object (dim 0), the normal-domain or the color-domain tensor; no copy when all pick the same."""
+    if bool(is_normal.all()):
+        return normal
+    if not bool(is_normal.any()):
+        return color
+    return torch.where(is_normal.view(-1, *[1] * (normal.dim() - 1)).to(normal.device), normal, color)
+
+
 def choose_normal_domain(generators: list[torch.Generator]) -> Tensor:
     """Mix mode: one fair coin per object, True = the object trains its normal views. Shape [B] bool."""
     return rand_per_object(generators) < 0.5
 
 
 class DiffusionObjective:
-    """Computes the loss of one micro-batch; holds the frozen encoders and the noise scheduler."""
+    """Computes the loss of one micro-batch; holds the frozen encoders and the noise scheduler.
+
+    A batch of images (``datapipes.transform``) is encoded here; a batch of cached latents
+    (``datapipes.latent_stream``) carries the encoders' outputs, and only the sampling is done here, with the
+    same per-object draws in the same order, so both give the same latents up to the fp16 storage.
+    """
 
     def __init__(self, components: Components, cfg: RunConfig, device: torch.device):
         self.vae, self.clip = components.vae, components.image_encoder
@@ -75,11 +94,11 @@ class DiffusionObjective:
 
     @torch.no_grad()
     def prepare(self, batch: dict, generators: list[torch.Generator]) -> ModelInputs:
-        """Encode, drop conditions, draw timesteps and noise for every image of the batch."""
-        views = batch["image_target_vae"].shape[1]
+        """Encode (or read the cached posteriors), drop conditions, draw timesteps and noise for every image."""
+        views = batch["camera_embed_image"].shape[1]
         drop_clip, drop_latent = self._condition_dropout(generators)
-        cond_latent = self._encode_mode(batch["image_cond_vae"]) * ~drop_latent[:, None, None, None]
-        clip = self.clip(batch["image_cond_CLIP"].to(self.device)).image_embeds * ~drop_clip[:, None]
+        cond_latent = self._cond_latent(batch) * ~drop_latent[:, None, None, None]
+        clip = self._clip_embeds(batch) * ~drop_clip[:, None]
         if self.cfg.data.mode == "joint":
             return self._joint(batch, generators, views, cond_latent, clip)
         return self._mix(batch, generators, views, cond_latent, clip)
@@ -105,27 +124,56 @@ class DiffusionObjective:
         drop_latent = (u >= t.drop_image_embed) & (u < t.drop_image_embed + t.drop_both + t.drop_cond_latent)
         return drop_clip, drop_latent
 
-    def _encode_mode(self, images: Tensor) -> Tensor:
-        return self.vae.encode(images.to(self.device)).latent_dist.mode() * self.scaling
+    def _cond_latent(self, batch: dict) -> Tensor:
+        """Scaled posterior mode (= mean, as Wonder3D) of the condition image: (B, 4, h, w) float32."""
+        if LATENT_BATCH_KEY in batch:
+            return batch["cond_mean"].to(self.device).float() * self.scaling
+        return self._vae_posterior(batch["image_cond_vae"])[0] * self.scaling
 
-    def _encode_sample(self, images: Tensor, generators: list[torch.Generator]) -> Tensor:
-        """VAE posterior sample with per-object noise; images (B, V, 3, H, W) -> (B, V, 4, h, w)."""
+    def _clip_embeds(self, batch: dict) -> Tensor:
+        """CLIP image embedding of the condition image: (B, C) float32."""
+        if LATENT_BATCH_KEY in batch:
+            return batch["clip_embed"].to(self.device).float()
+        # The frozen encoders may run in the training precision (engine.build): inputs in their dtype,
+        # outputs back to float32 so the noise and loss maths stay as they are.
+        images = batch["image_cond_CLIP"].to(self.device, self.clip.dtype)
+        return self.clip(images).image_embeds.float()
+
+    def _vae_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of the VAE posterior of images (N, 3, H, W): each (N, 4, h, w) float32, unscaled."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), torch.exp(0.5 * dist.logvar.float())
+
+    def _target_posterior(self, batch: dict, is_normal: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of each object's target views of the domain ``is_normal`` (B,) picks for it:
+        (B, V, 4, h, w) float32, unscaled. Only those views are encoded (mix mode: one domain per object)."""
+        if LATENT_BATCH_KEY in batch:
+            mean = _per_object(batch["normal_mean"], batch["color_mean"], is_normal)
+            logvar = _per_object(batch["normal_logvar"], batch["color_logvar"], is_normal)
+            return mean.to(self.device).float(), torch.exp(0.5 * logvar.to(self.device).float())
+        images = _per_object(batch["normal_target_vae"], batch["image_target_vae"], is_normal)
         b, v = images.shape[:2]
-        dist = self.vae.encode(images.flatten(0, 1).to(self.device)).latent_dist
-        eps = randn_per_object(generators, (v, *dist.mean.shape[1:])).to(self.device)
-        return (dist.mean + dist.std * eps.flatten(0, 1)).unflatten(0, (b, v)) * self.scaling
+        mean, std = self._vae_posterior(images.flatten(0, 1))
+        return mean.unflatten(0, (b, v)), std.unflatten(0, (b, v))
+
+    def _sample_latents(self, posterior: tuple[Tensor, Tensor], eps: Tensor) -> Tensor:
+        """Posterior sample (mean + std·eps)·scaling, as diffusers' ``latent_dist.sample()``; (B, V, 4, h, w)."""
+        mean, std = posterior
+        return (mean + std * eps.to(self.device)) * self.scaling
 
     def _joint(self, batch, generators, views, cond_latent, clip) -> ModelInputs:
         # The reference draws independent timesteps for the normal and the color half.
         steps = randint_per_object(generators, self.scheduler.config.num_train_timesteps, 2).to(self.device)
-        normal = self._encode_sample(batch["normal_target_vae"], generators)
-        color = self._encode_sample(batch["image_target_vae"], generators)
+        b = cond_latent.shape[0]
+        normal_post = self._target_posterior(batch, torch.ones(b, dtype=torch.bool))
+        normal = self._sample_latents(normal_post, randn_per_object(generators, normal_post[0].shape[1:]))
+        color_post = self._target_posterior(batch, torch.zeros(b, dtype=torch.bool))
+        color = self._sample_latents(color_post, randn_per_object(generators, color_post[0].shape[1:]))
         latents = stack_domains(normal, color)
 
         def per_view(x: Tensor) -> Tensor:  # (B, ...) -> (B, V, ...) repeated over views
             return x.unsqueeze(1).expand(x.shape[0], views, *x.shape[1:])
 
-        b = cond_latent.shape[0]
         return ModelInputs(
             latents=latents,
             cond_latent=stack_domains(per_view(cond_latent), per_view(cond_latent)),
@@ -138,14 +186,18 @@ class DiffusionObjective:
 
     def _mix(self, batch, generators, views, cond_latent, clip) -> ModelInputs:
         # Stage 1: each object trains one domain, 50/50, marked by the domain one-hot of its camera embedding.
-        is_normal = choose_normal_domain(generators).to(self.device)
+        chosen = choose_normal_domain(generators)
+        is_normal = chosen.to(self.device)
         steps = randint_per_object(generators, self.scheduler.config.num_train_timesteps, 1)[:, 0].to(
             self.device
         )
-        normal = self._encode_sample(batch["normal_target_vae"], generators)
-        color = self._encode_sample(batch["image_target_vae"], generators)
-        pick = is_normal[:, None, None, None, None]
-        latents = torch.where(pick, normal, color).flatten(0, 1)
+        posterior = self._target_posterior(batch, chosen)  # only the domain each object trains is encoded
+        shape = posterior[0].shape[1:]
+        # Both domains' draws are made, in the order the step made them when it encoded both, so the draws
+        # after them (the noise) and so the loss curve stay what they were.
+        eps_normal, eps_color = randn_per_object(generators, shape), randn_per_object(generators, shape)
+        eps = _per_object(eps_normal, eps_color, chosen)
+        latents = self._sample_latents(posterior, eps).flatten(0, 1)
         camera = torch.where(
             is_normal[:, None, None],
             batch["camera_embed_normal"].to(self.device),

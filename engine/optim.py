@@ -56,15 +56,33 @@ def param_groups(unet: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], cfg: RunConfig, offload: bool) -> torch.optim.Optimizer:
-    """AdamW per the run config; DeepSpeed's CPU Adam when optimizer state is offloaded to the CPU."""
+def adamw_kernel(device: torch.device | str) -> dict[str, bool]:
+    """``fused=True`` where torch has a fused AdamW kernel for ``device`` (CUDA; CPU too since torch 2.4),
+    else ``foreach=True``: one kernel per step, or one per op over all tensors, instead of one per tensor.
+
+    Measured on the demo UNet, 2-core CPU: fused 1.2 ms vs 15 ms (per-tensor loop) on ZeRO's flat partition.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the helper: CUDA has had the fused kernel since 2.0
+        supported = ["cuda"]
+    else:
+        supported = _get_fused_kernels_supported_devices()
+    return {"fused": True} if torch.device(device).type in supported else {"foreach": True}
+
+
+def build_optimizer(
+    groups: list[dict], cfg: RunConfig, offload: bool, device: torch.device | str = "cpu"
+) -> torch.optim.Optimizer:
+    """AdamW per the run config for parameters that will live on ``device`` (fused or foreach, see
+    ``adamw_kernel``); DeepSpeed's CPU Adam when optimizer state is offloaded to the CPU."""
     t = cfg.train
     kwargs = {"betas": tuple(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiles its C++ op on first use
 
         return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, lr=t.lr, **kwargs)
+    return torch.optim.AdamW(groups, lr=t.lr, **kwargs, **adamw_kernel(device))
 
 
 def lr_lambda(cfg: RunConfig):

@@ -12,9 +12,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datapipes.latent_format import LatentsError, latents_manifest_path, load_latents_manifest
+from datapipes.latent_stream import latent_shards
 from datapipes.manifest import ManifestError
 from datapipes.shard_io import ShardInfo, resolve_shards, shard_name
 from datapipes.stream_state import StreamStateError, check_resumable, merge_stream_states, shards_fingerprint
+from datapipes.transform import BACKGROUNDS
 from engine.checkpoint import check_same_architecture, find_resume_dir
 from engine.config import ConfigError, RunConfig, load_config
 from engine.config.checks import derive_grad_accum
@@ -278,9 +281,13 @@ def _check_stream_state(cfg: RunConfig, tag_dir: Path, *, world_size: int) -> No
 def _train_shards_fingerprint(cfg: RunConfig) -> str | None:
     """The stream's fingerprint of the training shards, or None when unknown here (no manifest counts, or
     a problem that ``check_data`` reports in its own words)."""
+    latents = cfg.data.source == "latents"
     try:
-        shards = resolve_shards(cfg.data.shards, "train") if cfg.data.shards else []
-    except (ManifestError, OSError):
+        if not cfg.data.shards:
+            shards = []
+        else:
+            shards = latent_shards(cfg.data.shards) if latents else resolve_shards(cfg.data.shards, "train")
+    except (ManifestError, LatentsError, OSError):
         return None
     counts = [shard.samples for shard in shards]
     if not shards or None in counts:
@@ -297,13 +304,16 @@ def check_data(cfg: RunConfig, *, world_size: int) -> tuple[int | None, list[str
 
     Returns (objects in the validation split or None when not counted, warnings).
     """
-    _local_shards(cfg, "data.shards", cfg.data.shards, "train")
+    if cfg.data.source == "latents":
+        check_latents(cfg)
+    else:
+        _local_shards(cfg, "data.shards", cfg.data.shards, "train")
     val_key = "data.val_shards" if cfg.data.val_shards else "data.shards"
-    val = _local_shards(cfg, val_key, cfg.data.val_shards or cfg.data.shards, "val")
+    val = _local_shards(cfg, val_key, cfg.data.val_shards or pixel_shards(cfg), "val")
     counts = [s.samples for s in val]
     if None in counts:
         return None, []
-    objects, where = sum(counts), _spec_file(cfg.data.val_shards or cfg.data.shards)
+    objects, where = sum(counts), _spec_file(cfg.data.val_shards or pixel_shards(cfg))
     if objects == 0:
         if cfg.validation.every:
             raise ConfigError(
@@ -342,3 +352,73 @@ def _local_shards(cfg: RunConfig, key: str, spec: str, split: str) -> list[Shard
 
 def _is_url(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
+
+
+# ---------------------------------------------------------------------------------------- cached latents
+
+
+def pixel_shards(cfg: RunConfig) -> str:
+    """The run's image shards: data.shards, or for data.source=latents the shards they were encoded from
+    (latents.json's source_manifest), whose validation split validation reads."""
+    if cfg.data.source != "latents":
+        return cfg.data.shards
+    try:
+        return load_latents_manifest(cfg.data.shards)["source_manifest"]
+    except LatentsError as error:
+        raise _fail(cfg, "data.shards", str(error)) from None
+
+
+def check_latents(cfg: RunConfig) -> None:
+    """data.shards is a complete latents folder made for this run: resolution, clip size, the views of
+    data.views, every background data.background can draw, and its shard files are there."""
+    file, d = latents_manifest_path(cfg.data.shards), cfg.data
+    try:
+        manifest = load_latents_manifest(file)
+    except LatentsError as error:
+        raise _fail(cfg, "data.shards", str(error)) from None
+    if not manifest["complete"]:
+        raise _fail(
+            cfg,
+            "data.shards",
+            f"{file} is incomplete ({len(manifest['shards'])} shards encoded so far): rerun the same "
+            "launcher/encode.py command to finish it",
+        )
+    for key, option in (("resolution", "--resolution"), ("clip_size", "--clip-size")):
+        if getattr(d, key) != manifest[key]:
+            raise _fail(
+                cfg,
+                f"data.{key}",
+                f"{getattr(d, key)}, but the latents {file} were encoded with {key} {manifest[key]}; set "
+                f"data.{key}={manifest[key]} or encode again with {option} {getattr(d, key)}",
+            )
+    missing = [view for view in d.views if view not in manifest["views"]]
+    if missing or manifest["cond_view"] != d.views[0]:
+        stored = f"holds views {manifest['views']}, condition view {manifest['cond_view']!r}"
+        raise _fail(cfg, "data.views", f"{d.views} are not all encoded: {file} {stored}")
+    drawable = list(BACKGROUNDS) if d.background == "random" else [d.background]
+    absent = [name for name in drawable if name not in manifest["backgrounds"]]
+    if absent:
+        raise _fail(
+            cfg,
+            "data.background",
+            f"{d.background} draws {absent}, but {file} holds only backgrounds {manifest['backgrounds']}; "
+            f"encode with --backgrounds {','.join(drawable)} or set data.background to one it holds",
+        )
+    for shard in latent_shards(file):
+        if not Path(shard.url).is_file():
+            raise _fail(cfg, "data.shards", f"shard {shard.url} (listed by {file}) does not exist")
+
+
+def check_latents_encoder(cfg: RunConfig, identity: str) -> None:
+    """The run's VAE + CLIP (``engine.encoding.encoder_identity`` of the built components, before any
+    precision cast) must be the encoder the latents were made with."""
+    file = latents_manifest_path(cfg.data.shards)
+    stored = load_latents_manifest(file)["encoder"]
+    if stored["hash"] != identity:
+        raise _fail(
+            cfg,
+            "data.shards",
+            f"the latents {file} were encoded by VAE/CLIP {stored['hash']} ({stored['vae']}), this run's "
+            f"VAE/CLIP is {identity}: train with the encoder they were made with (model.pretrained / "
+            "model.components) or encode again with this one",
+        )

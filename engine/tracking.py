@@ -2,6 +2,8 @@
 
 The wandb identity (mode, project, entity) is resolved here and nowhere else: ``WANDB_*`` environment
 variables win over ``logging.*`` in the run config. The default mode is offline: no network needed.
+What is logged at a step is the mean of the logging interval's steps (``IntervalMeans``), summed on the
+device and reduced over the ranks only then.
 """
 
 import json
@@ -12,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch import Tensor
 from tqdm import tqdm
 
 from engine.config import RunConfig, config_to_dict
@@ -66,6 +71,48 @@ def jsonl_line(step: int, metrics: dict[str, float]) -> str:
     if len(finite) < len(metrics):
         record["nonfinite"] = sorted(set(metrics) - set(finite))
     return json.dumps(record, allow_nan=False) + "\n"
+
+
+class IntervalMeans:
+    """The values of every step of a logging interval, summed where they are (device tensors stay on the
+    device), then read and reduced over the ranks once, when the interval is logged: no step but the logged
+    one waits for the device or for the other ranks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, values: dict[str, Tensor | float], seconds: float) -> None:
+        """One applied step's values (``engine.train.run_step``) and its wall time."""
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                value = value.detach().to(torch.float64)  # sums of many steps: double, as the floats were
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.seconds += seconds
+
+    def reduce(self) -> tuple[dict[str, float], float]:
+        """Collective: (each value's mean per step over the interval and the ranks, seconds per step of this
+        rank), then start a new interval. Ratios of two values (the domain sums and counts) are exact."""
+        if self.steps == 0:
+            return {}, 0.0
+        keys = sorted(self.sums)
+        local = torch.stack(
+            [torch.as_tensor(self.sums[k], dtype=torch.float64, device=self.device) for k in keys]
+        )
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(local)
+            world = dist.get_world_size()
+        values = {k: v / (world * self.steps) for k, v in zip(keys, local.tolist())}
+        seconds = self.seconds / self.steps
+        self.reset()
+        return values, seconds
 
 
 class Tracker:

@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from datapipes.latent_stream import build_latent_train_loader
 from datapipes.sample import SampleError
 from datapipes.shards import StreamError, build_train_loader, build_val_loader
 from datapipes.transform import TransformOptions
-from engine.build import build_components, build_unet
+from engine.build import build_components, build_unet, in_training_precision
 from engine.checkpoint import load_checkpoint, prune_checkpoints, remove_stale_tmp, save_checkpoint
+from engine.compile import compile_unet
 from engine.config import (
     ConfigError,
     RunConfig,
@@ -41,23 +43,24 @@ from engine.divergence import (
     NonFiniteWeightsError,
     SkippedSteps,
     check_skips_nonfinite_gradients,
-    finite_on_every_rank,
     last_good_checkpoint,
-    poison,
 )
 from engine.elastic import needs_reshard, with_universal_load
 from engine.ema import EMA
+from engine.encoding import encoder_identity
 from engine.liveness import Liveness, resume_hint
 from engine.objective import DiffusionObjective, domain_means
 from engine.optim import build_optimizer, describe_trainable, lr_lambda, param_groups, select_trainable
 from engine.preempt import EXIT_PREEMPTED, Preemption
-from engine.preflight import check_run
+from engine.preflight import check_latents_encoder, check_run, pixel_shards
 from engine.randomness import first_slot, object_generators
 from engine.rundir import RunDirRefused, lock_run_dir
 from engine.sample_log import SampleLog
+from engine.startup import STARTUP, skip_unused_comm_op
 from engine.storage import EXIT_STORAGE, STORAGE_ADVICE, StorageFull, as_storage_full
+from engine.threads import apply_threads
 from engine.throughput import Throughput
-from engine.tracking import Tracker
+from engine.tracking import IntervalMeans, Tracker
 from engine.validation import run_validation, validation_weights
 from modeling.components import save_components
 
@@ -85,18 +88,25 @@ class Run:
 
 def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     """Entry point of ``launcher/train.py``; returns the process exit code."""
+    skip_unused_comm_op()  # a JIT build of minutes on a first run, for an op training never calls
     try:
         info = init_distributed(cfg.run.rendezvous_timeout_s, cfg.run.collective_timeout_s)
     except RendezvousFailed as err:  # a node that never came: every started rank says so in one line
         print(f"[rank {err.rank}] {err}", file=sys.stderr, flush=True)
         return EXIT_UNAVAILABLE
+    threads = apply_threads(cfg.run.threads_per_rank)
+    if info.is_main:
+        print(threads, flush=True)
+    STARTUP.lap("distributed")
     preemption = Preemption(cfg.checkpoint.preempt_grace_s, info.rank).install()
     lock = liveness = None
     try:
         liveness = Liveness.start(info.rank, info.world_size, cfg.run.collective_timeout_s, cfg.run.dir)
         # Before anything is written (the demo may save components into run.dir): one run per run dir.
         lock = lock_run_dir(cfg, is_main=info.is_main, world_size=info.world_size)
+        STARTUP.lap("run dir lock")
         cfg = prepare_demo(cfg, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
+        STARTUP.lap("demo")
         run = setup(cfg, ds_config, ds_path, info)
         loop(run, preemption)
     except RunDirRefused as err:  # in use or not shared: every rank learnt it from rank 0
@@ -161,19 +171,23 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
         save_config(cfg, run_dir / "config.yaml")
         save_ds_config(ds, run_dir / "ds_config.json")
     seed_everything(cfg.run.seed)
-    loader = build_train_loader(
+    STARTUP.lap("checks")
+    build_loader = build_latent_train_loader if cfg.data.source == "latents" else build_train_loader
+    loader = build_loader(
         cfg.data.shards, batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.run.seed, transform=_transform(cfg, cfg.data.background), workers=cfg.data.workers,
         shuffle_buffer=cfg.data.shuffle_buffer, bad_sample=cfg.data.bad_sample,
     )  # fmt: skip
-    components = _frozen_components(cfg, run_dir, info).to(info.device)
+    STARTUP.lap("data loader")
+    components = in_training_precision(_frozen_components(cfg, run_dir, info), cfg).to(info.device)
     if needs_reshard(checked.resume, info.world_size):  # another world size: load the universal layout
         ds = with_universal_load(ds)
+    STARTUP.lap("encoders")
     engine, counts = build_engine(cfg, ds, info)
     check_skips_nonfinite_gradients(engine, source=ds_path)
     ema = EMA(engine, cfg.train.ema_decay, cfg.train.ema_every)
     objective = DiffusionObjective(components, cfg, info.device)
-    run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=cfg.data.shards)
+    run = Run(cfg, info, run_dir, engine, ema, objective, components, loader, train_shards=pixel_shards(cfg))
     run.validate = checked.validate
     run.skipped.limit = cfg.train.max_bad_steps
     _resume(run, checked.resume)
@@ -182,6 +196,7 @@ def setup(cfg: RunConfig, ds_config: dict, ds_path: str, info: DistInfo) -> Run:
     if info.is_main:
         print(describe_trainable(counts), flush=True)
         print(f"world size {info.world_size}; starting at step {run.start_step}", flush=True)
+    STARTUP.lap("ema + resume")
     return run
 
 
@@ -192,12 +207,15 @@ def build_engine(cfg: RunConfig, ds: dict, info: DistInfo):
     """
     import deepspeed
 
-    unet = build_unet(cfg)
+    unet = compile_unet(build_unet(cfg), cfg, info.device)
+    STARTUP.lap("unet")
     counts = select_trainable(unet, cfg.train.trainable)
     groups = param_groups(unet, cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     optimizer = (
-        None if "optimizer" in ds else build_optimizer(groups, cfg, offload and info.device.type == "cuda")
+        None
+        if "optimizer" in ds
+        else build_optimizer(groups, cfg, offload and info.device.type == "cuda", device=info.device)
     )
     if offload and info.device.type != "cuda":
         ds["zero_force_ds_cpu_optimizer"] = False  # CPU-only: plain torch AdamW already runs on the CPU
@@ -207,6 +225,7 @@ def build_engine(cfg: RunConfig, ds: dict, info: DistInfo):
     engine, *_ = deepspeed.initialize(
         model=unet, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds
     )
+    STARTUP.lap("deepspeed.initialize")
     return engine, counts
 
 
@@ -225,6 +244,8 @@ def _frozen_components(cfg: RunConfig, run_dir: Path, info: DistInfo):
     """VAE, CLIP, scheduler from model.components, model.pretrained or tiny; runs without a pretrained folder
     keep a copy in run_dir/components, which export reuses."""
     components = build_components(cfg, saved=Path(cfg.model.components) if cfg.model.components else None)
+    if cfg.data.source == "latents":  # before any precision cast: the identity hashes the weights as built
+        check_latents_encoder(cfg, encoder_identity(components, cfg.data.resolution, cfg.data.clip_size))
     keep = cfg.model.components or not cfg.model.pretrained
     if info.is_main and keep and not (run_dir / "components").is_dir():
         save_components(components, run_dir / "components")
@@ -253,8 +274,9 @@ def run_step(run: Run, batches, step: int) -> dict[str, float] | None:
     """
     cfg, engine = run.cfg, run.engine
     micro = cfg.train.micro_batch_size
-    totals = {"loss": 0.0, "data_wait_s": 0.0}
-    loss_finite = True
+    # Losses and per-domain sums stay on the device (summed, read at the logging interval: engine.tracking)
+    totals: dict[str, torch.Tensor | float] = {"data_wait_s": 0.0}
+    any_bad = None  # device flag: some rank had a non-finite loss in some micro-step of this step
     for micro_step in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -265,13 +287,15 @@ def run_step(run: Run, batches, step: int) -> dict[str, float] | None:
         generators = object_generators(cfg.run.seed, step, slots)
         inputs = run.objective.prepare(batch, generators)
         loss, parts = run.objective.loss(engine, inputs)
-        finite = finite_on_every_rank(loss)  # collective: every rank poisons the same micro-steps
-        loss_finite &= finite
-        engine.backward(loss if finite else poison(loss))
+        bad = _nonfinite_on_any_rank(loss)  # collective: every rank poisons the same micro-steps
+        any_bad = bad if any_bad is None else torch.maximum(any_bad, bad)
+        engine.backward(_poisoned_where(loss, bad))
         engine.step()
-        totals["loss"] += loss.item() / cfg.train.grad_accum
-        for key, value in parts.items():  # per-domain sums and counts, divided after the global reduction
+        # per-domain sums and counts are divided after the global reduction (engine.objective.domain_means)
+        for key, value in {"loss": loss.detach() / cfg.train.grad_accum, **parts}.items():
             totals[key] = totals.get(key, 0.0) + value
+    # The one host read of a step (DeepSpeed's own step has read its overflow flag already)
+    loss_finite = any_bad is None or not any_bad.item()
     if not engine.was_step_applied():  # DeepSpeed discarded the gradient; its LR scheduler did not step
         run.skipped.skipped(bad=not loss_finite or not engine.fp16_enabled())
         return None
@@ -293,12 +317,18 @@ def _slots(batch: dict, micro_step: int, info: DistInfo, micro: int) -> list[int
     return [first + int(i) for i in window]
 
 
-def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean over ranks of each value (the logged loss is the global batch's, whatever the world size)."""
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+def _nonfinite_on_any_rank(loss: torch.Tensor) -> torch.Tensor:
+    """Collective, on the device (no host read): 1.0 when ``loss`` is non-finite on some rank, else 0.0."""
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad[0]
+
+
+def _poisoned_where(loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``loss`` (times an exact 1.0), or where ``bad`` its NaN-poisoned form (``engine.divergence.poison``),
+    chosen on the device so the micro-step need not wait for the flag."""
+    return loss * torch.where(bad > 0, float("nan"), 1.0)
 
 
 def loop(run: Run, preemption: Preemption | None = None) -> None:
@@ -308,7 +338,10 @@ def loop(run: Run, preemption: Preemption | None = None) -> None:
     )
     meter = Throughput(cfg, info, dict(run.engine.module.config))
     data_loss = DataLoss(cfg.data.max_bad_fraction, run.run_dir, is_main=info.is_main)
+    interval = IntervalMeans(info.device)  # logged: each interval's mean per step
+    STARTUP.lap("trackers")
     batches = iter(run.loader)
+    STARTUP.lap("loader start")
     step = run.start_step
     last_saved = step
     try:
@@ -320,14 +353,18 @@ def loop(run: Run, preemption: Preemption | None = None) -> None:
                 if preemption is not None and preemption.stop_agreed(step, info.device):
                     break  # a run of skipped steps must not hold off a preemption
                 continue
-            values = domain_means(_global_mean(totals, info.device))
             step += 1
             tracker.advance()
-            metrics = meter.metrics(values, time.perf_counter() - t0, lr=run.engine.get_lr()[0])
-            metrics["skipped_steps"] = float(run.skipped.total)
+            interval.add(totals, time.perf_counter() - t0)
+            if (line := STARTUP.first_step(float(totals.get("data_wait_s", 0.0)))) is not None:
+                tracker.write(line)  # once per process: where the time from the command to here went
             # collective: bad-data counts summed over ranks; every rank stops past data.max_bad_fraction
-            metrics.update(data_loss.step(run.loader, info.device, step, tracker.log))
+            data_metrics = data_loss.step(run.loader, info.device, step, tracker.log)
             if step % cfg.logging.every == 0 or step == cfg.run.max_steps:
+                values, step_seconds = interval.reduce()  # collective: the interval's means over the ranks
+                metrics = meter.metrics(domain_means(values), step_seconds, lr=run.engine.get_lr()[0])
+                metrics["skipped_steps"] = float(run.skipped.total)
+                metrics.update(data_metrics)
                 tracker.log(step, metrics, show={**meter.postfix(metrics), **run.skipped.postfix()})
             if step % cfg.checkpoint.every == 0:
                 _checkpoint(run, step, tracker)
@@ -407,16 +444,18 @@ def _checkpoint(run: Run, step: int, tracker: Tracker) -> None:
 
 
 def _validate(run: Run, step: int, tracker: Tracker) -> None:
-    """Rank 0 generates; the others help gather the EMA, then wait at the barrier (ZeRO-2 replicates the
-    module weights, so rank 0 has them all)."""
-    ema_weights = validation_weights(run.ema, run.cfg)
-    if run.info.is_main:
-        if run.val_batch is None:
-            run.val_batch = _first_val_batch(run)
-        out_png = run.run_dir / "validation" / f"step{step:08d}.png"
-        scores = run_validation(
-            run.engine.module, run.components, ema_weights, run.val_batch, run.cfg, out_png
-        )
+    """Every rank generates its share of the validation objects (the same batch on every rank; ZeRO-2
+    replicates the module weights, the EMA is gathered to all); rank 0 gathers, writes the grid and logs."""
+    ema_weights = validation_weights(run.ema, run.cfg, run.engine.module)
+    if run.val_batch is None:
+        run.val_batch = _first_val_batch(run)
+    out_png = run.run_dir / "validation" / f"step{step:08d}.png"
+    info = run.info
+    scores = run_validation(
+        run.engine.module, run.components, ema_weights, run.val_batch, run.cfg, out_png,
+        rank=info.rank, world_size=info.world_size,
+    )  # fmt: skip
+    if info.is_main:
         tracker.log(step, scores)
         tracker.log_image(step, "val/grid", out_png)
         tracker.write(

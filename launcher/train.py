@@ -13,7 +13,12 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import (
+from engine.startup import STARTUP  # first: start-up phases are timed from here
+from engine.threads import preset_env
+
+preset_env()  # OpenMP threads and wait policy: libgomp reads them once, when torch loads it (below)
+
+from engine.config import (  # noqa: E402
     ConfigError,
     check_trainable_stage,
     describe_options,
@@ -21,7 +26,7 @@ from engine.config import (
     load_ds_config,
     resolve_ds_config,
 )
-from engine.preflight import check_run
+from engine.preflight import check_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    STARTUP.lap("imports")
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # what the launcher set (1 without one)
     try:
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails the same way; one line is enough
             print(f"config error: {err}", file=sys.stderr)
         return 2
+    STARTUP.lap("config checks")
     if args.check:
         for warning in checked.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from engine.train import train
 
+    STARTUP.lap("imports")  # torch, deepspeed, diffusers
     return train(cfg, ds_config, ds_path=args.deepspeed)
 
 

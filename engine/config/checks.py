@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from datapipes.latent_format import is_latents_dir
 from datapipes.manifest import ManifestError
 from datapipes.sample import SampleError
 from datapipes.shard_io import stored_views
@@ -11,12 +12,38 @@ from engine.config.schema import REFERENCE_VIEWS, RunConfig
 
 def check_consistency(cfg: RunConfig) -> None:
     """Raise ConfigError on the first inconsistent combination of settings."""
+    _source(cfg)  # first: the other checks read data.shards as data.source says
     for check in (_views, _domains, _resolution, _dropout, _betas, _validation, _held_out, _lr_multipliers):
         check(cfg)
 
 
 def _fail(cfg: RunConfig, key: str, message: str) -> ConfigError:
     return ConfigError(message, key=key, source=cfg.source_of(key))
+
+
+def _source(cfg: RunConfig) -> None:
+    """data.shards must be what data.source says: a latents folder (launcher/encode.py) or image shards."""
+    shards, latents = cfg.data.shards, cfg.data.source == "latents"
+    if latents and not shards:
+        raise _fail(
+            cfg,
+            "data.source",
+            "latents, but data.shards is empty (the demo renders images): set data.shards to a latents folder "
+            "(python launcher/encode.py --shards <converted shards> --out <folder>)",
+        )
+    if latents and not is_latents_dir(shards):
+        raise _fail(
+            cfg,
+            "data.shards",
+            f"{shards} is not a latents folder (no readable latents.json; data.source=latents, set by "
+            f"{cfg.source_of('data.source')}): give launcher/encode.py's --out folder, or data.source=pixels",
+        )
+    if not latents and shards and is_latents_dir(shards):
+        raise _fail(
+            cfg,
+            "data.shards",
+            f"{shards} is a latents folder (latents.json) but data.source=pixels: set data.source=latents",
+        )
 
 
 def _views(cfg: RunConfig) -> None:
@@ -36,7 +63,7 @@ def _views(cfg: RunConfig) -> None:
             f"(set by {cfg.source_of('data.views')}); make them agree",
         )
     for key, spec, split in (
-        ("data.shards", cfg.data.shards, "train"),
+        ("data.shards", cfg.data.shards if cfg.data.source == "pixels" else "", "train"),  # else preflight
         ("data.val_shards", cfg.data.val_shards, "val"),
     ):
         _views_stored(cfg, key, spec, split)
@@ -111,7 +138,7 @@ def _validation(cfg: RunConfig) -> None:
 def _held_out(cfg: RunConfig) -> None:
     """Validation must use held-out objects: a manifest has a val split; any other shard spec needs val_shards."""
     shards = cfg.data.shards
-    if not shards or cfg.data.val_shards:
+    if not shards or cfg.data.val_shards or cfg.data.source == "latents":  # latents: their source's val split
         return
     is_manifest = shards.endswith("manifest.json") or (Path(shards) / "manifest.json").is_file()
     if not is_manifest:

@@ -47,12 +47,21 @@ class RunSection:
     collective_timeout_s: float = opt(
         1800.0,
         "How long a collective (all-reduce, barrier) waits for the other ranks before it fails; the run then "
-        "exits (code 69) naming the rank that went away. Validation runs on rank 0 alone while the others wait "
-        "at a barrier (so does the CPU demo's first render, one process per node), and a checkpoint save waits "
+        "exits (code 69) naming the rank that went away. Validation waits for the rank with the most "
+        "objects to generate; the CPU demo's first render runs on one process per node while the others wait "
+        "at a barrier; a checkpoint save waits "
         "for the slowest rank's writes: keep it well above the longest validation and save you expect. A rank "
         "whose process dies is noticed at once (its sockets close); a node that vanishes without closing them "
         "(power, network cut, a frozen process) only after this time.",
         min=1.0,
+    )
+    threads_per_rank: int = opt(
+        0,
+        "CPU intra-op threads of each rank. 0: OMP_NUM_THREADS when you set it, else the cores this process "
+        "may use ÷ the ranks on its node (torchrun sets OMP_NUM_THREADS=1 itself; the deepspeed launcher sets "
+        "nothing). Data workers use one thread each. Idle OpenMP threads sleep at once "
+        "(OMP_WAIT_POLICY=PASSIVE) unless you set OMP_WAIT_POLICY or GOMP_SPINCOUNT.",
+        min=0,
     )
 
 
@@ -117,6 +126,13 @@ class DataSection:
         "",
         "Training shards: brace pattern (/data/shard-{000000..000099}.tar), a list file, a manifest.json, or "
         "pipe: URLs. Empty: the synthetic demo shards, generated on first use into data.demo_cache.",
+    )
+    source: Literal["pixels", "latents"] = opt(
+        "pixels",
+        "pixels: data.shards are image shards, the frozen VAE/CLIP encode every step. latents: data.shards is a "
+        "folder of cached latents written by launcher/encode.py (or its latents.json): nothing is encoded in "
+        "the step; the run's VAE/CLIP, data.resolution, clip_size, views and backgrounds must be the encoded "
+        "ones. Validation still reads pixels (data.val_shards, else the encoded shards' validation split).",
     )
     val_shards: str = opt("", "Validation shards (same forms). Empty with a manifest: its validation split.")
     demo_cache: str = opt("~/.cache/gnn3d/demo", "Where the synthetic demo dataset is rendered and sharded.")
@@ -202,6 +218,12 @@ class TrainSection:
     drop_both: float = opt(0.05, "Per-object probability to zero both conditions.", min=0, max=1)
     ema_decay: float = opt(0.9999, "EMA decay of the UNet weights (0 disables EMA).", min=0.0, max=1.0)
     ema_every: int = opt(1, "Update the EMA every k optimizer steps.", min=1)
+    compile: bool = opt(
+        False,
+        "Run the UNet under torch.compile (inductor), for CUDA runs: refused on the CPU, where inductor "
+        "computed wrong UNet gradients (torch 2.13). Compiled in place, so checkpoints, EMA and export keep "
+        "the same weight names. The first steps (and the first validation) pay the compile time.",
+    )
     trainable: list[str] = opt(["*"], "Name patterns (fnmatch) of UNet parameters to train; the rest frozen.")
     lr_multipliers: list[str] = opt(
         ["class_embedding.*=10"],

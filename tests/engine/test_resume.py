@@ -140,4 +140,7 @@ def test_resume_with_another_grad_accum_when_allowed(finished, demo_cache, tmp_p
     warnings = [line for line in out.stderr.splitlines() if "run.allow_batch_change" in line]
     assert len(warnings) == 1 and "from 2 to 4 objects" in warnings[0], out.stderr[-2000:]
     assert "starting at step 2" in out.stdout
+    # where the start-up time went, once, at the first step of this process (engine/startup.py)
+    startup = [line for line in out.stdout.splitlines() if line.startswith("startup: ")]
+    assert len(startup) == 1 and "imports" in startup[0] and "command → first step" in startup[0], startup
     assert [r["step"] for r in training_records_after(run_dir, logged)] == [3]
