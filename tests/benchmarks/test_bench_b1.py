@@ -19,7 +19,10 @@ def tiny_run(tmp_path_factory):
     """One demo run at 32² for both step benchmarks (building DeepSpeed's engine is most of their cost)."""
     threads = torch.get_num_threads()
     work = tmp_path_factory.mktemp("bench_run")
-    yield demo_run(work, "data.resolution=32", "data.demo_objects=8", "data.workers=0")
+    # an unfitted tiny VAE: the smoke test times steps, it does not need the demo's 20 s VAE fit
+    yield demo_run(
+        work, "data.resolution=32", "data.demo_objects=8", "data.workers=0", "model.demo_vae_steps=0"
+    )
     torch.set_num_threads(threads)
 
 
