@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.startup import skip_unused_comm_op
+
 # sysexits.h EX_UNAVAILABLE: a rank of the job never joined the rendezvous, or went away during the run.
 EXIT_UNAVAILABLE = 69
 
@@ -97,6 +99,7 @@ def init_distributed(rendezvous_timeout_s: float = 600.0, collective_timeout_s: 
         store.set_timeout(timeout)  # what torch's own env:// rendezvous leaves on the group's store
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        skip_unused_comm_op()  # every entry point (train, test scripts, benchmarks): no JIT build of an unused op
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)  # adopts the group
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

@@ -56,7 +56,7 @@ from engine.preflight import check_latents_encoder, check_run, pixel_shards
 from engine.randomness import first_slot, object_generators
 from engine.rundir import RunDirRefused, lock_run_dir
 from engine.sample_log import SampleLog
-from engine.startup import STARTUP, skip_unused_comm_op
+from engine.startup import STARTUP
 from engine.storage import EXIT_STORAGE, STORAGE_ADVICE, StorageFull, as_storage_full
 from engine.threads import apply_threads
 from engine.throughput import Throughput
@@ -88,7 +88,6 @@ class Run:
 
 def train(cfg: RunConfig, ds_config: dict, ds_path: str) -> int:
     """Entry point of ``launcher/train.py``; returns the process exit code."""
-    skip_unused_comm_op()  # a JIT build of minutes on a first run, for an op training never calls
     try:
         info = init_distributed(cfg.run.rendezvous_timeout_s, cfg.run.collective_timeout_s)
     except RendezvousFailed as err:  # a node that never came: every started rank says so in one line
