@@ -4,7 +4,7 @@ without, side by side in one run (goal ≥ 0.4×: throughput falls in proportion
 The busy process is `python -c "while 1: pass"` (that also ends with this one). Each side is a real run of the CPU demo (one process,
 `python launcher/train.py`, the user's environment: no OMP_NUM_THREADS); rates as in bench_procs. The full
 run also measures the old behaviour (libgomp's default spin-wait, kept by setting GOMP_SPINCOUNT=300000,
-libgomp's default, which turns gnn3d's OMP_WAIT_POLICY=PASSIVE off) for before/after.
+libgomp's default, in place of gnn3d's short spin) for before/after.
 
     python benchmarks/bench_background.py            # 150 steps per side; the old behaviour 20 steps
     python benchmarks/bench_background.py --quick    # 50 steps per side
